@@ -1,0 +1,1 @@
+"""Model components: attention, MoE, MTP, RoPE, blocks and the full transformer."""

@@ -1,0 +1,115 @@
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1), in a plain and an absorbed form.
+
+Keys and values are compressed into one latent vector per token (kv_lora_rank values, normalised)
+plus one rotary key shared by all heads (qk_rope_head_dim values): that is all a cache must keep.
+
+- Plain form (training, prefill): expand the latent into per-head keys and values with kv_b_proj
+  and run ordinary attention.
+- Absorbed form (decode): fold kv_b_proj's key half (W_UK) into the query and its value half (W_UV)
+  after attention, so attention runs directly against the cached latents, as in DeepSeek-V3's
+  inference code. Both forms compute the same function.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rope
+
+# DeepSeek's q_a_layernorm and kv_a_layernorm use RMSNorm's default eps, not config.rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        D, H = config.hidden_size, config.num_attention_heads
+        self.n_heads = H
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_rank = config.kv_lora_rank
+        self.qk_dim = self.nope_dim + self.rope_dim
+        self.softmax_scale = config.softmax_scale
+        self.interleave = config.rope_interleave
+        bias = config.attention_bias
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, eps=LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, eps=LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+
+    # ---- projections shared by both forms ------------------------------------------------------
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q_nope (B, T, H, nope), q_pe (B, T, H, rope) with rope applied."""
+        B, T, _ = x.shape
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)
+        return q_nope, q_pe
+
+    def latent_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> the cached latent (B, T, kv_rank + rope): [normed kv | roped shared key]."""
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        return torch.cat((self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin, self.interleave)), dim=-1)
+
+    # ---- plain form ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
+        """x (B, T, D); cos/sin (B or 1, T, rope/2); mask None (causal) or bool (B, T, T), True = attend."""
+        B, T, _ = x.shape
+        H = self.n_heads
+        q_nope, q_pe = self.query(x, cos, sin)
+        latent = self.latent_kv(x, cos, sin)
+        kv, k_pe = latent.split([self.kv_rank, self.rope_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(kv).view(B, T, H, self.nope_dim + self.v_dim).split([self.nope_dim, self.v_dim], -1)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, T, qk)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope_dim)), dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)  # (B, H, T, v)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=self.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+    # ---- absorbed form -------------------------------------------------------------------------
+    def absorbed_query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> queries in latent space (B, T, H, kv_rank + rope), to dot with cached latents."""
+        q_nope, q_pe = self.query(x, cos, sin)
+        w_uk = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)[:, : self.nope_dim]
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UK folded into the query
+        return torch.cat((q_latent, q_pe), dim=-1)
+
+    def attend_latent(self, q: torch.Tensor, cache: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, T, H, R) from absorbed_query; cache (B, S, R) latents; mask bool (B, T, S) or None.
+
+        Returns the attention output after o_proj, (B, T, D). The heads are folded into the query
+        rows so each step is one batched matmul against the shared latents.
+        """
+        B, T, H, R = q.shape
+        S = cache.shape[1]
+        scores = torch.bmm(q.reshape(B, T * H, R), cache.transpose(1, 2)).view(B, T, H, S)
+        scores = scores.float() * self.softmax_scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+        probs = scores.softmax(dim=-1).to(q.dtype)
+        out_latent = torch.bmm(probs.view(B, T * H, S), cache[..., : self.kv_rank]).view(B, T, H, self.kv_rank)
+        w_uv = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)[:, self.nope_dim :]
+        out = torch.einsum("bthr,hdr->bthd", out_latent, w_uv)  # W_UV applied after attention
+        return self.o_proj(out.reshape(B, T, H * self.v_dim))
+
+    def forward_absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
+        """The absorbed form over a whole sequence (no cache): same inputs and result as forward."""
+        T = x.shape[1]
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(x.shape[0], T, T)
+        return self.attend_latent(self.absorbed_query(x, cos, sin), self.latent_kv(x, cos, sin), mask)
