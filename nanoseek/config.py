@@ -67,6 +67,9 @@ class ModelConfig:
     image_token_id: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # one spelling of the kind, under both names in use
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            self.rope_scaling = {**self.rope_scaling, "type": kind, "rope_type": kind}
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------------
@@ -257,11 +260,6 @@ class ModelConfig:
         d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
         d["num_key_value_heads"] = self.num_attention_heads  # MLA: every head has its own key
         d["head_dim"] = self.qk_rope_head_dim
-        if self.rope_scaling is not None:
-            rs = dict(self.rope_scaling)
-            kind = rs.get("type", rs.get("rope_type"))
-            rs["type"] = rs["rope_type"] = kind
-            d["rope_scaling"] = rs
         if self.vision_config is None:
             d.pop("vision_config")
             d.pop("image_token_id")

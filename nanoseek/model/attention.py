@@ -98,7 +98,7 @@ class MLA(nn.Module):
         B, T, H, R = q.shape
         S = cache.shape[1]
         scores = torch.bmm(q.reshape(B, T * H, R), cache.transpose(1, 2)).view(B, T, H, S)
-        scores = scores.float() * self.softmax_scale
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.softmax_scale  # softmax in >= fp32
         if mask is not None:
             scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
         probs = scores.softmax(dim=-1).to(q.dtype)
