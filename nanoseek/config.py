@@ -171,8 +171,12 @@ class ModelConfig:
                 omp = self.rope_scaling.get("original_max_position_embeddings")
                 if not isinstance(omp, int) or omp <= 0:
                     fail("rope_scaling", "yarn needs a positive integer 'original_max_position_embeddings'")
-        if self.vision_config is not None and not isinstance(self.vision_config, dict):
-            fail("vision_config", "must be a dict or null")
+        if self.vision_config is not None:
+            from .model.vision import VisionConfig  # the vision fields are defined and checked beside the tower
+
+            VisionConfig.from_dict(self.vision_config)
+            if not isinstance(self.image_token_id, int) or not 0 <= self.image_token_id < self.vocab_size:
+                fail("image_token_id", f"a model with a vision_config needs an id in [0, vocab_size={self.vocab_size})")
         for name in ("bos_token_id", "pad_token_id", "image_token_id"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 0 <= value):

@@ -2,7 +2,9 @@
 
 Module names follow the Hugging Face DeepseekV3 checkpoint layout (`model.layers.3.self_attn...`),
 so a state dict maps onto checkpoint keys by name, except for the stacked routed experts and the
-MTP modules, which `nanoseek.checkpoint` converts.
+MTP modules, which `nanoseek.checkpoint` converts. With `config.vision_config` set, the model also
+holds a vision encoder and projector (`self.vision`, DeepSeek-VL2 manner; see model/vision.py), and
+`embed_multimodal` turns token ids plus images into the `inputs_embeds` that `forward` takes.
 """
 
 import torch
@@ -14,6 +16,7 @@ from .layers import RMSNorm
 from .moe import Experts, Router
 from .mtp import MTPLayer
 from .rope import RotaryEmbedding
+from .vision import ImageInput, VisionConfig, VisionModel, merge_image_embeds
 
 
 class Backbone(nn.Module):
@@ -36,6 +39,9 @@ class DeepSeekModel(nn.Module):
         L = config.num_hidden_layers
         self.mtp = nn.ModuleList(MTPLayer(config, L + k) for k in range(config.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(config)
+        self.vision = None
+        if config.vision_config is not None:
+            self.vision = VisionModel(VisionConfig.from_dict(config.vision_config), config.hidden_size)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -68,9 +74,19 @@ class DeepSeekModel(nn.Module):
                 module.gate_up_proj.normal_(0.0, std, generator=generator)
                 module.down_proj.normal_(0.0, std, generator=generator)
         self.rotary.reset_buffers()
+        if self.vision is not None:
+            self.vision.init_weights(generator, std)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
+
+    def embed_multimodal(self, input_ids: torch.Tensor, images: list[ImageInput]) -> torch.Tensor:
+        """input_ids (B, T) holding each image's run of image_token_id (vision.expand_image_tokens), and
+        the images in order of appearance, row by row -> inputs_embeds (B, T, D) for forward."""
+        if self.vision is None:
+            raise ValueError("this model has no vision encoder (its config has no vision_config)")
+        image_mask = input_ids == self.config.image_token_id
+        return merge_image_embeds(self.embed(input_ids), image_mask, self.vision(images))
 
     def forward(
         self,
