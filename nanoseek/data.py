@@ -1,0 +1,303 @@
+"""Corpus -> memory-mapped token shards with a train/val split, and a seeded packing loader.
+
+A corpus is a folder of text or code files (read recursively, in sorted order, binary files
+skipped), a JSONL file with a `text` field per line, any other text file, or `stdlib`: the Python
+standard library's own sources (found with sysconfig; tens of MB on every machine).
+
+    meta = prepare_shards("stdlib", tokenizer, "runs/stdlib/data")   # writes train-*.bin, val-*.bin, meta.json
+    train = TokenStream("runs/stdlib/data", "train")                  # memory-mapped, all shards as one array
+    loader = PackedLoader(train, batch_size=8, seq_len=256, seed=0)
+    inputs_BT, targets_BT = loader.next_batch()                      # int64, targets = inputs shifted by one
+    state = loader.state_dict()                                      # saved in checkpoints; load_state_dict resumes
+
+Each document becomes `<bos> text <eos>` and documents are concatenated. Documents go to val by a
+hash of their name (a stable split that does not move when files are added); a corpus of one
+document (a .txt) is split at a line boundary, its last val_fraction going to val. Shards are
+written to a temporary folder and renamed, and the same corpus and tokenizer give byte-identical
+shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .tokenizer import Tokenizer
+
+META = "meta.json"
+SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "node_modules"}
+
+
+class DataError(ValueError):
+    """A corpus or a shard folder is missing, empty or unreadable; says which."""
+
+
+# ---- reading a corpus ---------------------------------------------------------------------------
+def resolve_corpus(corpus: str | os.PathLike) -> Path:
+    if str(corpus) == "stdlib":
+        return Path(sysconfig.get_paths()["stdlib"])
+    path = Path(corpus)
+    if not path.exists():
+        raise DataError(f"corpus {corpus} does not exist (a folder, a .txt, a .jsonl, or 'stdlib')")
+    return path
+
+
+def _read_text(path: Path) -> str | None:
+    """The file as UTF-8 text, or None for binary or undecodable files."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    if b"\0" in raw[:8192]:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """(name, text) for every document of the corpus, in a fixed order."""
+    path = resolve_corpus(corpus)
+    if path.is_dir():
+        files = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+            files += [Path(root) / n for n in names if not n.startswith(".")]
+        if str(corpus) == "stdlib":  # the sources only: skip data files shipped beside them
+            files = [f for f in files if f.suffix == ".py"]
+        for file in sorted(files, key=lambda f: f.relative_to(path).as_posix()):
+            text = _read_text(file)
+            if text:
+                yield file.relative_to(path).as_posix(), text
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({e})") from e
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{lineno}: 'text' must be a string")
+                yield f"{path.name}:{lineno}", text
+    else:
+        text = _read_text(path)
+        if text is None:
+            raise DataError(f"{path} is not UTF-8 text")
+        yield path.name, text
+
+
+def split_documents(documents: Iterable[tuple[str, str]], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Texts for train and val. Many documents: by a hash of the name; one: at a line boundary."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    docs = list(documents)
+    if not docs:
+        raise DataError("the corpus has no text documents")
+    if len(docs) == 1:
+        text = docs[0][1]
+        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
+        return [text[:cut]], [text[cut:]]
+    train, val = [], []
+    for name, text in docs:
+        (val if zlib.crc32(name.encode()) % 10_000 < val_fraction * 10_000 else train).append(text)
+    if not val:  # a handful of documents whose hashes all missed: hold out the last one
+        val.append(train.pop())
+    return train, val
+
+
+# ---- writing shards -----------------------------------------------------------------------------
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def prepare_shards(
+    corpus: str | os.PathLike,
+    tokenizer: Tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    val_fraction: float = 0.05,
+    shard_tokens: int = 100_000_000,
+    batch_docs: int = 256,
+) -> dict:
+    """Tokenize the corpus into out_dir/{train,val}-NNNNN.bin + meta.json; returns the metadata."""
+    out_dir = Path(out_dir)
+    train_texts, val_texts = split_documents(iter_documents(corpus), val_fraction)
+    dtype = token_dtype(tokenizer.vocab_size)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        splits = {}
+        for split, texts in (("train", train_texts), ("val", val_texts)):
+            writer = _ShardWriter(tmp, split, dtype, shard_tokens)
+            for i in range(0, len(texts), batch_docs):
+                for ids in tokenizer.encode_batch(texts[i : i + batch_docs]):
+                    writer.write([tokenizer.bos_id, *ids, tokenizer.eos_id])
+            splits[split] = writer.close()
+            splits[split]["documents"] = len(texts)
+        meta = {
+            "corpus": str(resolve_corpus(corpus)),
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+            "val_fraction": val_fraction,
+            "splits": splits,
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    return hashlib.sha256(tokenizer.files()["tokenizer.json"].encode()).hexdigest()
+
+
+class _ShardWriter:
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.files: list[str] = []
+        self.counts: list[int] = []
+        self.handle = None
+
+    def write(self, ids: list[int]) -> None:
+        array = np.asarray(ids, dtype=self.dtype)
+        while len(array):
+            if self.handle is None or self.counts[-1] >= self.shard_tokens:
+                self._open()
+            take = self.shard_tokens - self.counts[-1]
+            self.handle.write(array[:take].tobytes())
+            self.counts[-1] += len(array[:take])
+            array = array[take:]
+
+    def _open(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        name = f"{self.split}-{len(self.files):05d}.bin"
+        self.files.append(name)
+        self.counts.append(0)
+        self.handle = open(self.folder / name, "wb")
+
+    def close(self) -> dict:
+        if self.handle is not None:
+            self.handle.close()
+        return {"files": self.files, "tokens": self.counts}
+
+
+# ---- reading shards -----------------------------------------------------------------------------
+def read_meta(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / META
+    if not path.exists():
+        raise DataError(f"{folder} has no {META}: not a shard folder (run prepare_shards first)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+class TokenStream:
+    """All shards of one split as a single read-only token array (memory-mapped)."""
+
+    def __init__(self, folder: str | os.PathLike, split: str):
+        folder = Path(folder)
+        meta = read_meta(folder)
+        if split not in meta["splits"]:
+            raise DataError(f"{folder}: no split {split!r} (have {', '.join(meta['splits'])})")
+        info = meta["splits"][split]
+        self.dtype = np.dtype(meta["dtype"])
+        self.shards = []
+        for name, count in zip(info["files"], info["tokens"]):
+            file = folder / name
+            if not file.exists() or file.stat().st_size != count * self.dtype.itemsize:
+                raise DataError(f"shard {file} is missing or not {count} tokens long (truncated?)")
+            self.shards.append(np.memmap(file, dtype=self.dtype, mode="r"))
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.vocab_size = meta["vocab_size"]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """tokens[start : start + length] as int64, across shard boundaries."""
+        pieces, pos, end = [], start, start + length
+        while pos < end:
+            i = int(np.searchsorted(self.starts, pos, side="right")) - 1
+            local = pos - int(self.starts[i])
+            take = min(end - pos, len(self.shards[i]) - local)
+            pieces.append(self.shards[i][local : local + take])
+            pos += take
+        return np.concatenate(pieces).astype(np.int64)
+
+
+class PackedLoader:
+    """Batches of seq_len+1-token windows cut from the stream, in a seeded order, resumable.
+
+    Epoch e starts at a random offset below seq_len and visits its windows in a random
+    permutation, both drawn from (seed, e); the position is (epoch, windows consumed), so a
+    resumed loader continues exactly where the saved one stopped.
+    """
+
+    def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int = 0):
+        if len(stream) < seq_len * 2 + 1:
+            raise DataError(f"the split has {len(stream)} tokens, too few for windows of {seq_len + 1}")
+        self.stream, self.batch_size, self.seq_len, self.seed = stream, batch_size, seq_len, seed
+        self.epoch, self.index = 0, 0
+        self._order_epoch, self._order, self._offset = -1, None, 0
+
+    def _epoch_order(self) -> None:
+        if self._order_epoch != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._offset = int(rng.integers(0, self.seq_len)) if self.epoch else 0
+            n = (len(self.stream) - 1 - self._offset) // self.seq_len
+            self._order, self._order_epoch = rng.permutation(n), self.epoch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for _ in range(self.batch_size):
+            self._epoch_order()
+            if self.index >= len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._epoch_order()
+            start = self._offset + int(self._order[self.index]) * self.seq_len
+            rows.append(self.stream.read(start, self.seq_len + 1))
+            self.index += 1
+        batch = torch.from_numpy(np.stack(rows))
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index, "batch_size": self.batch_size, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "seq_len"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"the saved loader has {key}={state[key]}, this one {getattr(self, key)}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def val_batches(stream: TokenStream, batch_size: int, seq_len: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed set of validation batches: consecutive windows from the start of the split."""
+    n_windows = min((len(stream) - 1) // seq_len, batch_size * max_batches)
+    if n_windows < 1:
+        raise DataError(f"the val split has {len(stream)} tokens, fewer than one window of {seq_len + 1}")
+    rows = [stream.read(i * seq_len, seq_len + 1) for i in range(n_windows)]
+    batches = []
+    for i in range(0, n_windows, batch_size):
+        batch = torch.from_numpy(np.stack(rows[i : i + batch_size]))
+        batches.append((batch[:, :-1], batch[:, 1:]))
+    return batches
