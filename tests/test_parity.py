@@ -87,7 +87,10 @@ def test_bf16_load_runs_close_to_fp32(tmp_path):
     model16 = nanoseek.load(tmp_path, dtype=torch.bfloat16)
     assert model16.dtype == torch.bfloat16
     assert model16.model.layers[1].mlp.gate.weight.dtype == torch.float32  # router stays fp32
-    ids = torch.randint(0, 128, (1, 16))
+    ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a, b = model32(ids), model16(ids).float()
-    assert (a - b).abs().max().item() < 0.1 * a.abs().max().item()
+        a, b = model32(ids)[0], model16(ids)[0].float()
+    # bf16 rounding may flip a near-tied expert choice at a token or two; the rest must agree closely
+    per_token_error = (a - b).norm(dim=-1) / a.norm(dim=-1)
+    assert per_token_error.median().item() < 0.05
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.8

@@ -75,10 +75,15 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, T, qk)
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope_dim)), dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)  # (B, H, T, v)
+        if self.v_dim < self.qk_dim:
+            # CPU flash attention needs equal q/k and v head sizes; zero-padding v costs far less than
+            # the unfused fallback (3x faster at 8x512 on the tiny config)
+            v = F.pad(v, (0, self.qk_dim - self.v_dim))
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=self.softmax_scale)
+        out = out[..., : self.v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     # ---- absorbed form -------------------------------------------------------------------------
