@@ -10,8 +10,9 @@
 from .checkpoint import CheckpointError, load, save
 from .config import PRESETS, ConfigError, ModelConfig, get_preset
 from .model.transformer import DeepSeekModel, build_model
+from .inference import generate
 
 __all__ = [
     "CheckpointError", "ConfigError", "DeepSeekModel", "ModelConfig", "PRESETS",
-    "build_model", "get_preset", "load", "save",
+    "build_model", "generate", "get_preset", "load", "save",
 ]

@@ -1,0 +1,72 @@
+"""`nanoseek.generate`: continue a batch of token-id prompts, all at once or as a stream.
+
+Both run the continuous-batching engine with one slot per prompt, so there is one decode path.
+Greedy by default; temperature > 0 samples. Prompt i gets seed `seed + i` (a fresh random seed
+each when seed is None), so a seed reproduces every output whatever the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from ..model.transformer import DeepSeekModel
+from .engine import ATTEND_BLOCK, Engine
+from .sampling import SamplingParams
+
+
+def _engine_and_requests(model: DeepSeekModel, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                         repetition_penalty, seed, stop_token_ids, stop, speculative, compile):
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of token-id lists (one per sequence)")
+    draft_tokens = int(speculative) if not isinstance(speculative, bool) else (
+        max(1, model.config.num_nextn_predict_layers) if speculative else 0)
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    max_seq_len = min(model.config.max_position_embeddings, -(-longest // ATTEND_BLOCK) * ATTEND_BLOCK)
+    engine = Engine(model, max_batch_size=len(prompts), max_seq_len=max_seq_len, speculative=draft_tokens,
+                    compile=compile)
+    requests = []
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty,
+                                None if seed is None else seed + i)
+        requests.append(engine.submit(prompt, params, max_new_tokens=max_new_tokens,
+                                      stop_token_ids=stop_token_ids, stop=stop))
+    return engine, requests
+
+
+def stream(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int = 256, *, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+           seed: int | None = None, stop_token_ids: list[int] | None = None,
+           stop: Callable[[list[int]], bool] | None = None, speculative: bool | int = False,
+           compile: bool = False) -> Iterator[tuple[int, list[int]]]:
+    """Yield (prompt index, new token ids) as each step produces them. Arguments as `generate`."""
+    engine, requests = _engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                                            repetition_penalty, seed, stop_token_ids, stop, speculative, compile)
+    index = {r.id: i for i, r in enumerate(requests)}
+    while engine.has_work:
+        engine.step()
+        for request in requests:
+            while not request._events.empty():
+                event = request._events.get_nowait()
+                if event.tokens:
+                    yield index[request.id], event.tokens
+
+
+def generate(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int = 256, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             seed: int | None = None, stop_token_ids: list[int] | None = None,
+             stop: Callable[[list[int]], bool] | None = None, speculative: bool | int = False,
+             compile: bool = False, return_stats: bool = False):
+    """Continue each prompt (token-id lists of any lengths); returns the new token ids of each.
+
+    stop_token_ids: None stops at the model's eos ids, [] never stops early; stop tokens are not
+    included in the output. stop: a callable on the tokens so far (e.g. `text.StopStrings`).
+    speculative: True drafts with the MTP modules (as many tokens as the model has modules), an int
+    sets the draft length; greedy output is identical to plain decoding and sampled output has the
+    same distribution. compile: torch.compile the decode step (eager, with a warning, if it fails).
+    return_stats: also return the engine's counters (acceptance rate, tokens per forward, ...).
+    """
+    engine, requests = _engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                                            repetition_penalty, seed, stop_token_ids, stop, speculative, compile)
+    engine.run_until_done()
+    outputs = [r.result() for r in requests]
+    return (outputs, engine.stats()) if return_stats else outputs
