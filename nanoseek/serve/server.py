@@ -1,0 +1,423 @@
+"""`nanoseek serve`: an OpenAI-compatible HTTP server on the continuous-batching engine, with a chat page.
+
+    nanoseek serve --model runs/chat/latest [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true sends
+server-sent events in OpenAI's chunk format, ending with `data: [DONE]`), GET /health, GET /metrics
+(Prometheus text), and a chat page at `/`.
+
+Every HTTP request becomes engine requests, so all clients share the engine's decode steps: one
+forward serves the whole running batch. The engine steps in its own thread and reports each step
+through a callback on that thread; the callback hands text deltas to the event loop with
+call_soon_threadsafe. A client that disconnects cancels its generation, which frees its cache slot
+at the next step boundary.
+
+Limits, each answered with an OpenAI-style error body: a body larger than --max-body-bytes (413),
+prompt + max_tokens beyond the context (400), more than --max-queue requests waiting for a slot
+(429), a wrong or missing key when --api-key is set (401). Binds to loopback unless --host says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..inference.sampling import SamplingParams
+from .metrics import Metrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from .textgen import TextGenerator, load_generator
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # room for a few base64 images; JSON text prompts are far smaller
+
+
+# ---- the app ----------------------------------------------------------------------------------------
+def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None = None, max_queue: int = 256,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int | None = None,
+               accepts_images: bool = False) -> FastAPI:
+    """The FastAPI app serving `generator`; starts the engine thread on startup, stops it on shutdown.
+
+    default_max_tokens: used when a request gives no max_tokens (None: the rest of the context, as OpenAI).
+    """
+    engine = generator.engine
+    metrics = Metrics()
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop(timeout=10)
+
+    app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.metrics = metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        error = APIError(500, f"internal server error: {type(e).__name__}: {e}", type="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    # ---- plain endpoints ----
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(engine.stats()), media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "nanoseek",
+                "max_model_len": generator.context_length}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        check_key(request)
+        check_model(name)
+        return model_card()
+
+    # ---- generation ----
+    def sampling(body, index: int = 0) -> SamplingParams:
+        seed = None if body.seed is None else (body.seed + index) % 2**63
+        return SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.min_p, body.repetition_penalty, seed)
+
+    def budget(body, prompt_ids: list[int], param: str) -> int:
+        """max_tokens for this prompt, or 400 if prompt + max_tokens does not fit in the context."""
+        context, n = generator.context_length, len(prompt_ids)
+        if body.max_new_tokens is None:
+            room = context - n
+            if room < 1:
+                raise APIError(400, f"this model's maximum context length is {context} tokens, and the prompt "
+                                    f"has {n}: no room for a reply", param=param, code="context_length_exceeded")
+            return min(room, default_max_tokens or room)
+        if n + body.max_new_tokens > context:
+            raise APIError(400, f"this model's maximum context length is {context} tokens; you requested "
+                                f"{n + body.max_new_tokens} ({n} in the prompt, {body.max_new_tokens} for the "
+                                "completion): shorten the prompt or lower max_tokens",
+                           param=param, code="context_length_exceeded")
+        return body.max_new_tokens
+
+    def submit(body, prompts: list[list[int]], param: str) -> "_Batch":
+        if any(not p for p in prompts):
+            raise APIError(400, f"{param}: the prompt is empty", param=param)
+        vocab = engine.config.vocab_size
+        for p in prompts:
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
+        max_tokens = [budget(body, p, param) for p in prompts]
+        if engine.stats()["waiting"] + len(prompts) > max_queue:
+            raise APIError(429, f"the server is busy: more than {max_queue} requests are waiting; retry later",
+                           type="rate_limit_error", code="queue_full")
+        return _Batch(generator, metrics, [
+            dict(prompt_ids=p, params=sampling(body, i), max_tokens=m, stop=body.stop_strings, ignore_eos=body.ignore_eos)
+            for i, (p, m) in enumerate(zip(prompts, max_tokens))])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        body = parse(ChatCompletionRequest, await request.body())
+        check_model(body.model)
+        if any(m.images for m in body.messages):
+            if not accepts_images:
+                raise APIError(400, f"the model {model_name!r} has no vision encoder, so it does not take images; "
+                                    "send text content only", param="messages", code="images_not_supported")
+            raise APIError(400, "images are not supported by the serving engine yet (it takes token ids only)",
+                           param="messages", code="images_not_supported")
+        try:
+            prompt_ids = generator.tokenizer.encode_chat([m.as_template_message() for m in body.messages])
+        except ValueError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        batch = submit(body, [prompt_ids], "messages")
+        return await respond(request, body, batch, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_key(request)
+        body = parse(CompletionRequest, await request.body())
+        check_model(body.model)
+        tok = generator.tokenizer
+        prompts = [tok.encode(p, bos=True) if isinstance(p, str) else p for p in body.prompts]
+        batch = submit(body, prompts, "prompt")
+        return await respond(request, body, batch, chat=False)
+
+    async def respond(request: Request, body, batch: "_Batch", chat: bool):
+        completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        header = {"id": completion_id, "object": "chat.completion" if chat else "text_completion",
+                  "created": int(time.time()), "model": model_name}
+        if body.stream:
+            return _EventStream(batch, sse_stream(batch, header, chat, body.include_usage))
+        # not streaming: still watch for a disconnect, so an abandoned request frees its slot
+        collect = asyncio.ensure_future(batch.collect())
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not collect.done():
+            collect.cancel()
+            batch.cancel(disconnected=True)
+            return Response(status_code=499)  # nobody is listening; the status is for the logs
+        gone.cancel()
+        texts = collect.result()
+        batch.raise_if_failed()
+        choices = []
+        for i, (text, gen) in enumerate(zip(texts, batch.generations)):
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": None, "finish_reason": gen.finish_reason})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": gen.finish_reason})
+        return {**header, "choices": choices, "usage": batch.usage()}
+
+    async def sse_stream(batch: "_Batch", header: dict, chat: bool, include_usage: bool):
+        chunk_header = {**header, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+        def chunk(choices: list, **extra) -> str:
+            return "data: " + json.dumps({**chunk_header, "choices": choices, **extra}, ensure_ascii=False) + "\n\n"
+
+        def choice(index: int, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+
+        if chat:
+            yield chunk([choice(i, None, None, first=True) for i in range(len(batch.generations))])
+        async for index, delta, event in batch.events():
+            if event.finished and event.finish_reason == "error":
+                yield "data: " + json.dumps(APIError(500, "generation failed", type="server_error").body()) + "\n\n"
+                continue
+            if delta:
+                yield chunk([choice(index, delta, None)])
+            if event.finished:
+                yield chunk([choice(index, None, event.finish_reason)])
+        if include_usage:
+            yield chunk([], usage=batch.usage())
+        yield "data: [DONE]\n\n"
+
+    return _with_limits(app, metrics, max_body_bytes)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is already read, so only a disconnect arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that cancel their generations however the response ends: when the client
+    disconnects, Starlette cancels the stream mid-await and this finally still runs."""
+
+    def __init__(self, batch: "_Batch", events):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.batch = batch
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.batch.cancel(disconnected=True)
+
+
+class _Batch:
+    """The engine requests of one HTTP request, seen from the event loop."""
+
+    def __init__(self, generator: TextGenerator, metrics: Metrics, jobs: list[dict]):
+        self.metrics = metrics
+        self.engine = generator.engine
+        self.queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.generations = []
+        self._open = len(jobs)
+        self._accounted = False
+        for index, job in enumerate(jobs):
+            def on_text(delta, event, index=index):  # engine thread -> event loop
+                loop.call_soon_threadsafe(self.queue.put_nowait, (index, delta, event))
+            try:
+                self.generations.append(generator.submit(**job, on_text=on_text))
+            except ValueError as e:  # the engine refused it: take back the ones already queued
+                self._accounted = True
+                self.cancel()
+                raise APIError(400, str(e)) from None
+
+    async def events(self):
+        """(index, text delta, engine event) as each step lands, until every generation has finished."""
+        while self._open:
+            index, delta, event = await self.queue.get()
+            self._open -= event.finished
+            yield index, delta, event
+        self._account()
+
+    async def collect(self) -> list[str]:
+        texts = [""] * len(self.generations)
+        async for index, delta, _ in self.events():
+            texts[index] += delta
+        return texts
+
+    def cancel(self, disconnected: bool = False) -> None:
+        """Cancel what is still running (no-op once all finished)."""
+        live = [g for g in self.generations if not g.request.finished]
+        for g in live:
+            self.engine.cancel(g.request)
+        if live and disconnected:
+            self.metrics.disconnects += len(live)
+        if not live:
+            self._account()
+
+    def raise_if_failed(self) -> None:
+        if any(g.finish_reason == "error" for g in self.generations):
+            raise APIError(500, "generation failed in the engine; see the server log", type="server_error")
+
+    def usage(self) -> dict:
+        prompt = sum(len(g.request.prompt) for g in self.generations)
+        completion = sum(len(g.request.tokens) for g in self.generations)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _account(self) -> None:
+        if not self._accounted:
+            self._accounted = True
+            for g in self.generations:
+                self.metrics.record_generation(g.request)
+
+
+def _with_limits(app, metrics: Metrics, max_body_bytes: int):
+    """ASGI wrapper: refuse bodies over max_body_bytes with 413 before the app reads them, and count
+    every HTTP request by endpoint and status for /metrics."""
+
+    async def send_error(send, error: APIError):
+        body = json.dumps(error.body()).encode()
+        await send({"type": "http.response.start", "status": error.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def limited(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+        status = [0]
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        too_large = APIError(413, f"the request body is larger than the server's limit of {max_body_bytes} bytes",
+                             code="request_too_large")
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and int(length) > max_body_bytes:
+                return await send_error(counting_send, too_large)
+            # read the body here, counting, so a chunked upload cannot exceed the limit either
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                more = message.get("more_body", False)
+                if size > max_body_bytes:
+                    return await send_error(counting_send, too_large)
+            body, replayed = b"".join(chunks), False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # then only http.disconnect
+
+            await app(scope, replay, counting_send)
+        finally:
+            metrics.requests[(endpoint, status[0] or 499)] += 1
+
+    return limited
+
+
+_ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+# ---- command line ---------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder (config.json, weights, tokenizer.json)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--model-name", default=None, help="the id clients use (default: the folder's name)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (cache slots)")
+    parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot before 429")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="context per request, prompt + max_tokens (default: the model's max_position_embeddings)")
+    parser.add_argument("--max-cached-tokens", type=int, default=None,
+                        help="tokens all running requests may hold in the cache together (default: every slot full)")
+    parser.add_argument("--default-max-tokens", type=int, default=None,
+                        help="max_tokens when a request gives none (default: the rest of the context)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as stored")
+    parser.add_argument("--speculative", type=int, default=0, help="MTP draft tokens per step (0: off)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--log-level", default="warning")
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..checkpoint import CheckpointError
+    from ..tokenizer import TokenizerError
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    try:
+        generator = load_generator(args.model, dtype=args.dtype, max_batch_size=args.max_batch_size,
+                                   max_seq_len=args.max_seq_len, max_cached_tokens=args.max_cached_tokens,
+                                   speculative=args.speculative, compile=args.compile)
+    except (CheckpointError, TokenizerError, ValueError, FileNotFoundError) as e:
+        print(f"nanoseek serve: {e}", file=sys.stderr)
+        return 2
+    name = args.model_name or Path(args.model).resolve().name
+    app = create_app(generator, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
+                     max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
+                     accepts_images=generator.engine.model.vision is not None)
+    print(f"serving {name!r} ({generator.context_length}-token context, {args.max_batch_size} slots) "
+          f"on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

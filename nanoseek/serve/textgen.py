@@ -1,0 +1,135 @@
+"""Text on top of the engine: token ids out of the engine become streamed text, ended by stop strings.
+
+Shared by the server and the terminal chat; the engine speaks token ids and this layer owns the
+tokenizer. Every request gets a `TextStream`, which the engine calls on its own thread after each
+new token (it is the request's `stop` callable): it detokenizes incrementally and ends the request
+as soon as a stop string appears. Text handed out never contains a stop string or a piece of one:
+a tail that could still grow into a stop string is held back until it cannot.
+
+    gen = TextGenerator(engine, tokenizer)
+    g = gen.submit(prompt_ids, SamplingParams(), max_tokens=64, stop=["\\n\\n"], on_text=callback)
+    # callback(delta: str, event) runs on the engine thread after every step of this request
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..inference.engine import Engine, Event, Request
+from ..inference.sampling import SamplingParams
+from ..tokenizer import Tokenizer
+
+
+class TextStream:
+    """Incremental detokenization with stop strings; fed and read on the engine thread only."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.text = ""
+        self.stopped_at: int | None = None  # where the first stop string begins, once one appeared
+        self._decoder = tokenizer.decode_stream(skip_special_tokens=True)
+        self._tokens = 0  # tokens decoded so far
+        self._checked = 0  # text[:_checked] has been searched for stop strings
+        self._sent = 0  # text[:_sent] has been handed out
+
+    def __call__(self, tokens: list[int]) -> bool:
+        """The engine's stop callable: decode the new tokens; True once a stop string appeared."""
+        for token in tokens[self._tokens:]:
+            piece = self._decoder.step(self.tokenizer.backend, token)
+            if piece:
+                self.text += piece
+        self._tokens = len(tokens)
+        if self.stop and self.stopped_at is None:
+            # a match may straddle old and new text, so search from just before the new text
+            start = max(0, self._checked - max(map(len, self.stop)) + 1)
+            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+            self._checked = len(self.text)
+            if hits:
+                self.stopped_at = min(hits)
+        return self.stopped_at is not None
+
+    def take(self, final: bool = False) -> str:
+        """The text not yet handed out: all of it when final, else up to any possible stop-string start."""
+        end = len(self.text) if self.stopped_at is None else self.stopped_at
+        if not final and self.stopped_at is None:
+            end -= self._held_back()
+        delta = self.text[self._sent : end]
+        self._sent = max(self._sent, end)
+        return delta
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of some stop string."""
+        for k in range(min(max(map(len, self.stop), default=1) - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0
+
+
+@dataclass
+class Generation:
+    """One submitted generation: the engine's request and its text."""
+
+    request: Request
+    text: TextStream
+
+    @property
+    def finish_reason(self) -> str | None:
+        """OpenAI's names: "stop" (end-of-sentence or a stop string) or "length"; also "cancelled", "error"."""
+        return self.request.finish_reason
+
+    @property
+    def usage(self) -> dict:
+        return self.request.usage
+
+
+class TextGenerator:
+    """The engine and the tokenizer together: submit token ids, receive text deltas."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        # end of sentence as the model config and the tokenizer know it (usually the same id)
+        eos = set(engine.config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+        self.stop_token_ids = sorted(eos)
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.max_seq_len
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int, stop: list[str] = (),
+               ignore_eos: bool = False, on_text: Callable[[str, Event], None] | None = None) -> Generation:
+        """Queue a generation. on_text(delta, event) is called on the engine thread after each of its
+        steps (delta may be empty while text is held back); the last call has event.finished set."""
+        text = TextStream(self.tokenizer, stop)
+
+        def on_event(event: Event) -> None:
+            delta = text.take(final=event.finished)
+            if on_text is not None:
+                on_text(delta, event)
+
+        request = self.engine.submit(prompt_ids, params, max_new_tokens=max_tokens, stop=text, on_event=on_event,
+                                     stop_token_ids=[] if ignore_eos else self.stop_token_ids)
+        return Generation(request, text)
+
+
+def load_generator(path, *, dtype: str | None = None, max_batch_size: int = 8, max_seq_len: int | None = None,
+                   max_cached_tokens: int | None = None, speculative: int = 0, compile: bool = False) -> TextGenerator:
+    """A checkpoint folder (weights + tokenizer.json) -> a warmed-up TextGenerator; the engine is not started."""
+    import torch
+
+    from .. import checkpoint
+
+    model = checkpoint.load(path, dtype=getattr(torch, dtype) if dtype else None).eval()
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}: they do not belong together")
+    engine = Engine(model, max_batch_size=max_batch_size, max_cached_tokens=max_cached_tokens,
+                    max_seq_len=max_seq_len, speculative=speculative, compile=compile)
+    # one short request first, so the first user does not pay for warming up (or compiling)
+    engine.submit(tokenizer.encode("Hello", bos=True), max_new_tokens=2)
+    engine.run_until_done()
+    return TextGenerator(engine, tokenizer)
