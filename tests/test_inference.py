@@ -1,0 +1,203 @@
+"""Cached generation against full recomputation, and the sampling rules, on a tiny random model."""
+
+import math
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.inference import LatentCache, SamplingParams
+from nanoseek.inference.forward import model_forward
+from nanoseek.inference.sampling import SamplingBatch, filter_logits, sample, uniform_noise
+
+PROMPTS = [[5, 17, 42, 9, 100, 3, 77], [8, 1, 250], [61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return nanoseek.build_model(nanoseek.get_preset("test"), seed=1).eval()
+
+
+def full_greedy(model, prompt, steps):
+    """Greedy continuation by recomputing the whole sequence each step, and each step's logits."""
+    ids, logits = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits.append(model(ids)[0, -1])
+            ids = torch.cat([ids, logits[-1].argmax().view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist(), logits
+
+
+def test_cached_decode_equals_full_recomputation(model):
+    prompt, steps = PROMPTS[0], 12
+    tokens, ref_logits = full_greedy(model, prompt, steps)
+    cache = LatentCache(model.config, 1, 64)
+    with torch.no_grad():
+        hidden = model_forward(model, cache.kv, torch.tensor([prompt]), torch.arange(len(prompt))[None], plain=True)
+        logits = model.lm_head(hidden[:, -1])
+        got = []
+        for step in range(steps):
+            assert (logits[0] - ref_logits[step]).abs().max().item() < 1e-5
+            got.append(logits[0].argmax().item())
+            pos = torch.tensor([[len(prompt) + step]])
+            logits = model.lm_head(model_forward(model, cache.kv, torch.tensor([[got[-1]]]), pos)[:, -1])
+    assert got == tokens
+    assert nanoseek.generate(model, [prompt], steps, stop_token_ids=[]) == [tokens]
+
+
+def test_absorbed_equals_plain(model):
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 10, model.config.hidden_size)
+    cos, sin = model.rotary(torch.arange(10)[None])
+    with torch.no_grad():
+        plain, absorbed = attn(x, cos, sin), attn.forward_absorbed(x, cos, sin)
+    assert (plain - absorbed).abs().max().item() < 1e-5 * plain.abs().max().item() + 1e-7
+    # a whole prefill both ways: same hidden states, same cache contents
+    ids = torch.tensor([PROMPTS[2]])
+    pos = torch.arange(ids.shape[1])[None]
+    caches = [LatentCache(model.config, 1, 16) for _ in range(2)]
+    with torch.no_grad():
+        h_plain = model_forward(model, caches[0].kv, ids, pos, plain=True)
+        h_absorbed = model_forward(model, caches[1].kv, ids, pos, plain=False)
+    assert (h_plain - h_absorbed).abs().max().item() < 1e-5
+    assert (caches[0].kv - caches[1].kv).abs().max().item() < 1e-5
+
+
+def test_cache_holds_only_the_latent():
+    config = nanoseek.get_preset("tiny")
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = LatentCache(config, n_slots=2, max_len=32, dtype=dtype)
+        size = torch.tensor([], dtype=dtype).element_size()
+        assert cache.bytes_per_token_per_layer == (config.kv_lora_rank + config.qk_rope_head_dim) * size
+        assert cache.nbytes == cache.bytes_per_token_per_layer * 2 * 32 * (config.num_hidden_layers + 1)
+
+
+def test_padded_batch_equals_one_by_one(model):
+    settings = [dict(), dict(temperature=0.9, top_p=0.95, seed=11, repetition_penalty=1.2)]
+    for kwargs in settings:
+        batched = nanoseek.generate(model, PROMPTS, 16, stop_token_ids=[], **kwargs)
+        for i, prompt in enumerate(PROMPTS):
+            alone = dict(kwargs, seed=kwargs["seed"] + i) if "seed" in kwargs else kwargs
+            assert nanoseek.generate(model, [prompt], 16, stop_token_ids=[], **alone) == [batched[i]]
+    greedy = nanoseek.generate(model, PROMPTS, 16, stop_token_ids=[])
+    assert greedy == [full_greedy(model, p, 16)[0] for p in PROMPTS]
+
+
+def test_top_k_1_equals_greedy(model):
+    greedy = nanoseek.generate(model, PROMPTS, 12, stop_token_ids=[])
+    assert nanoseek.generate(model, PROMPTS, 12, temperature=1.5, top_k=1, seed=0, stop_token_ids=[]) == greedy
+
+
+def test_seed_reproduces(model):
+    kwargs = dict(temperature=1.0, top_k=50, seed=1234, stop_token_ids=[])
+    first = nanoseek.generate(model, PROMPTS, 20, **kwargs)
+    assert nanoseek.generate(model, PROMPTS, 20, **kwargs) == first
+    assert nanoseek.generate(model, PROMPTS, 20, **dict(kwargs, seed=99)) != first
+    # unseeded sampling follows torch's global generator
+    torch.manual_seed(5)
+    a = nanoseek.generate(model, PROMPTS, 20, temperature=1.0, stop_token_ids=[])
+    torch.manual_seed(5)
+    assert nanoseek.generate(model, PROMPTS, 20, temperature=1.0, stop_token_ids=[]) == a
+
+
+def test_stop_tokens_and_stop_callable(model):
+    free = nanoseek.generate(model, [PROMPTS[0]], 12, stop_token_ids=[])[0]
+    stop_at = free[5]
+    cut = free.index(stop_at)
+    assert nanoseek.generate(model, [PROMPTS[0]], 12, stop_token_ids=[stop_at])[0] == free[:cut]
+    stopped = nanoseek.generate(model, [PROMPTS[0]], 12, stop_token_ids=[], stop=lambda tokens: len(tokens) == 3)
+    assert stopped[0] == free[:3]
+
+
+def test_streaming_yields_the_same_tokens(model):
+    streamed = [[] for _ in PROMPTS]
+    for index, tokens in nanoseek.inference.stream(model, PROMPTS, 9, stop_token_ids=[]):
+        streamed[index] += tokens
+    assert streamed == nanoseek.generate(model, PROMPTS, 9, stop_token_ids=[])
+
+
+def test_bad_input_is_named(model):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        nanoseek.generate(model, [[]], 4)
+    with pytest.raises(ValueError, match="prompt token 256"):
+        nanoseek.generate(model, [[1, 256]], 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        nanoseek.generate(model, [[1]], 0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="list of token-id lists"):
+        nanoseek.generate(model, [1, 2, 3], 4)
+
+
+def test_filters_keep_the_right_tokens():
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    logits = probs.log().view(1, 1, -1)
+
+    def kept(**kwargs):
+        s = SamplingBatch.from_params([SamplingParams(temperature=1.0, **kwargs)])
+        return torch.isfinite(filter_logits(logits, s))[0, 0].nonzero().flatten().tolist()
+
+    assert kept(top_k=2) == [0, 1]
+    assert kept(top_p=0.7) == [0, 1]  # 0.5 + 0.2 reaches 0.7
+    assert kept(top_p=0.71) == [0, 1, 2]
+    assert kept(min_p=0.25) == [0, 1, 2]  # 0.15 >= 0.25 * 0.5
+    assert kept(top_k=3, top_p=0.5 / 0.85 + 0.01) == [0, 1]  # top-p on the top-k renormalised distribution
+    assert kept() == [0, 1, 2, 3, 4]
+
+
+def test_repetition_penalty_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50)
+    seen_ids = torch.tensor([[3, 7, 7, 20], [0, 1, 2, 49]])
+    ref = transformers.RepetitionPenaltyLogitsProcessor(1.3)(seen_ids, logits.clone())
+    seen = torch.zeros(2, 50, dtype=torch.bool).scatter(1, seen_ids, True)
+    s = SamplingBatch.from_params([SamplingParams(repetition_penalty=1.3)] * 2)
+    from nanoseek.inference.sampling import process_logits
+
+    assert torch.allclose(process_logits(logits.unsqueeze(1), s, seen.unsqueeze(1))[:, 0], ref)
+
+
+def test_sampler_draws_from_softmax():
+    """Gumbel-max with the counter-based noise: frequencies match softmax(logits / T)."""
+    V, n = 6, 20000
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    params = [SamplingParams(temperature=0.7, seed=i) for i in range(n)]
+    s = SamplingBatch.from_params(params)
+    drawn = sample(logits.expand(n, 1, V), s, None, torch.full((n, 1), 3))[:, 0]
+    freq = torch.bincount(drawn, minlength=V).float() / n
+    expected = (logits / 0.7).softmax(-1)
+    # chi-square with 5 degrees of freedom; 20.5 is its 0.999 quantile
+    chi2 = (n * (freq - expected) ** 2 / expected).sum().item()
+    assert chi2 < 20.5, (freq, expected)
+    u = uniform_noise(torch.arange(1000), torch.zeros(1000, 1, dtype=torch.long), 0, 64).flatten()
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    assert abs(u.var().item() - 1 / 12) < 0.002 and not math.isnan(u.sum().item())
+
+
+def test_compiled_decode_matches_eager(model):
+    pytest.importorskip("torch._inductor")
+    kwargs = dict(stop_token_ids=[], temperature=0.8, seed=3, top_k=40)
+    eager = nanoseek.generate(model, PROMPTS, 8, **kwargs)
+    with _no_fallback_warning():
+        compiled = nanoseek.generate(model, PROMPTS, 8, compile=True, **kwargs)
+    assert compiled == eager
+
+
+class _no_fallback_warning:
+    """Fails the test if the compiled path fell back to eager."""
+
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings(record=True)
+        self._records = self._catch.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        fallbacks = [str(w.message) for w in self._records if "decoding eagerly" in str(w.message)]
+        assert not fallbacks, fallbacks
