@@ -110,6 +110,15 @@ class Request:
             raise RuntimeError(f"request {self.id} failed: {self.error}")
         return self.tokens
 
+    def poll(self) -> list[Event]:
+        """The events delivered since the last read, without blocking."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
     def __iter__(self):
         """Blocking stream of each step's new tokens, until the request finishes."""
         while True:
@@ -147,7 +156,7 @@ class Engine:
         if self.max_seq_len > config.max_position_embeddings:
             raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the model's max_position_embeddings "
                              f"({config.max_position_embeddings})")
-        self.max_cached_tokens = max_cached_tokens or max_batch_size * self.max_seq_len
+        self.max_cached_tokens = max_cached_tokens or max_batch_size * (self.max_seq_len + speculative)
         self.compile = compile
         device, dtype = model.device, cache_dtype or model.dtype
         self.cache = LatentCache(config, max_batch_size, self.max_seq_len + speculative, dtype, device)

@@ -45,8 +45,7 @@ def stream(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int =
     while engine.has_work:
         engine.step()
         for request in requests:
-            while not request._events.empty():
-                event = request._events.get_nowait()
+            for event in request.poll():
                 if event.tokens:
                     yield index[request.id], event.tokens
 

@@ -1,0 +1,106 @@
+"""`nanoseek generate`: text in, text out, streamed as it is generated.
+
+    nanoseek generate runs/stdlib/latest --prompt "def fib(n):" --max-new-tokens 100
+    echo "To be, or not" | nanoseek generate runs/shakespeare/latest --temperature 0.8 --top-p 0.95
+    nanoseek generate CKPT --chat --prompt "Hi!" --stop "\\n\\n" --speculative --stats
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint folder (config.json + safetensors)")
+    parser.add_argument("--prompt", action="append",
+                        help="prompt text (repeat for a batch); default: read stdin")
+    parser.add_argument("--tokenizer", help="folder or tokenizer.json (default: the checkpoint folder)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    parser.add_argument("--system", help="system message for --chat")
+    parser.add_argument("--no-bos", action="store_true", help="do not start a plain prompt with the bos token")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sentence token")
+    parser.add_argument("--speculative", type=int, nargs="?", const=-1, default=0, metavar="K",
+                        help="MTP speculative decoding with K draft tokens (default K: the model's MTP depth)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="load the weights in this dtype")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--stats", action="store_true", help="print speed and speculation figures to stderr")
+
+
+def run(args) -> int:
+    from ..checkpoint import CheckpointError, load
+    from ..tokenizer import Tokenizer, TokenizerError
+    from .engine import Engine
+    from .sampling import SamplingParams
+    from .text import StopStrings, TextStream
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = load(args.checkpoint, dtype=DTYPES[args.dtype] if args.dtype else None).eval()
+        tokenizer = Tokenizer.load(args.tokenizer or args.checkpoint)
+    except (CheckpointError, TokenizerError, OSError) as e:
+        print(f"nanoseek generate: {e}", file=sys.stderr)
+        return 2
+    texts = args.prompt if args.prompt else [sys.stdin.read()]
+    prompts = []
+    for text in texts:
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            prompts.append(tokenizer.encode_chat(messages + [{"role": "user", "content": text}]))
+        else:
+            prompts.append(tokenizer.encode(text, bos=not args.no_bos and tokenizer.bos_id is not None))
+    stop_ids = [] if args.ignore_eos else sorted({*model.config.eos_token_ids, *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])})
+    draft_tokens = max(1, model.config.num_nextn_predict_layers) if args.speculative == -1 else args.speculative
+    try:
+        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
+        longest = max(len(p) for p in prompts) + args.max_new_tokens
+        engine = Engine(model, max_batch_size=len(prompts), max_seq_len=min(longest, model.config.max_position_embeddings),
+                        speculative=draft_tokens, compile=args.compile)
+        stop = StopStrings(tokenizer.decode, args.stop) if args.stop else None
+        requests = [engine.submit(p, params, max_new_tokens=args.max_new_tokens, stop_token_ids=stop_ids, stop=stop)
+                    for p in prompts]
+    except ValueError as e:
+        print(f"nanoseek generate: {e}", file=sys.stderr)
+        return 2
+
+    start = time.perf_counter()
+    cpu_start = time.process_time()
+    if len(requests) == 1:  # stream the one continuation as it comes
+        printer = TextStream(tokenizer, args.stop)
+        request = requests[0]
+        while engine.has_work:
+            engine.step()
+            for event in request.poll():
+                print(printer.push(event.tokens), end="", flush=True)
+        print(printer.finish())
+    else:
+        engine.run_until_done()
+        for i, request in enumerate(requests):
+            text = tokenizer.decode(request.tokens, skip_special_tokens=True)
+            print(f"--- {i}\n{stop.truncate(text) if stop else text}")
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    if args.stats:
+        s = engine.stats()
+        n = s["generated_tokens"]
+        line = (f"{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s, {cpu / max(n, 1) * 1000:.2f} CPU ms/token; "
+                f"finish: {', '.join(r.finish_reason for r in requests)}")
+        if draft_tokens:
+            line += (f"; first draft accepted {s['first_draft_acceptance']:.1%}, drafts accepted "
+                     f"{s['acceptance_rate']:.1%}, {s['tokens_per_forward']:.2f} tokens per main-model forward")
+        print(line, file=sys.stderr)
+    return 0

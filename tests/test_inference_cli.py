@@ -1,0 +1,64 @@
+"""`nanoseek generate` end to end on a saved random model with a freshly trained tokenizer, and the text helpers."""
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.cli import main
+from nanoseek.inference.text import StopStrings, TextStream
+from nanoseek.tokenizer import Tokenizer
+
+TEXT = ["the quick brown fox jumps over the lazy dog. " * 20, "to be, or not to be: that is the question. " * 20]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tokenizer = Tokenizer.train(TEXT, vocab_size=300)
+    config = nanoseek.get_preset("test").replace(vocab_size=tokenizer.vocab_size)
+    model = nanoseek.build_model(config, seed=0)
+    folder = tmp_path_factory.mktemp("ckpt") / "model"
+    nanoseek.save(model, folder, extra_files=tokenizer.files())
+    return folder, model, tokenizer
+
+
+def test_generate_command_prints_the_greedy_continuation(checkpoint, capsys):
+    folder, model, tokenizer = checkpoint
+    prompt = "to be, or not"
+    assert main(["generate", str(folder), "--prompt", prompt, "--max-new-tokens", "12", "--ignore-eos", "--stats"]) == 0
+    out, err = capsys.readouterr()
+    ids = tokenizer.encode(prompt, bos=True)
+    expected = nanoseek.generate(model, [ids], 12, stop_token_ids=[])[0]
+    assert out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
+    assert "tokens/s" in err and "CPU ms/token" in err
+    # speculative decoding prints the same text, and its figures
+    assert main(["generate", str(folder), "--prompt", prompt, "--max-new-tokens", "12", "--ignore-eos",
+                 "--speculative", "--stats"]) == 0
+    spec_out, spec_err = capsys.readouterr()
+    assert spec_out == out and "tokens per main-model forward" in spec_err
+
+
+def test_generate_command_batch_stop_strings_and_errors(checkpoint, capsys):
+    folder, model, tokenizer = checkpoint
+    assert main(["generate", str(folder), "--prompt", "the quick", "--prompt", "to be", "--max-new-tokens", "6",
+                 "--temperature", "0.9", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("--- 0\n") and "\n--- 1\n" in out
+    assert main(["generate", str(folder / "missing")]) == 2
+    assert "nanoseek generate:" in capsys.readouterr().err
+    assert main(["generate", str(folder), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_stop_strings_and_text_stream():
+    tokenizer = Tokenizer.train(TEXT, vocab_size=300)
+    ids = tokenizer.encode("to be, or not to be: that is the question.")
+    stop = StopStrings(tokenizer.decode, ["that is"])
+    hits = [stop(ids[: i + 1]) for i in range(len(ids))]
+    first = hits.index(True)
+    assert "that is" in tokenizer.decode(ids[: first + 1]) and "that is" not in tokenizer.decode(ids[:first])
+    assert stop.truncate("to be: that is all") == "to be: "
+    stream = TextStream(tokenizer, stop_strings=["question"])
+    shown = "".join(stream.push([t]) for t in ids) + stream.finish()
+    assert shown == "to be, or not to be: that is the "
+    with pytest.raises(ValueError, match="non-empty"):
+        StopStrings(tokenizer.decode, [""])
