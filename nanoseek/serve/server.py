@@ -267,16 +267,19 @@ class _Batch:
         loop = asyncio.get_running_loop()
         self.generations = []
         self._open = len(jobs)
-        self._accounted = False
         for index, job in enumerate(jobs):
             def on_text(delta, event, index=index):  # engine thread -> event loop
-                loop.call_soon_threadsafe(self.queue.put_nowait, (index, delta, event))
+                loop.call_soon_threadsafe(self._arrived, index, delta, event)
             try:
                 self.generations.append(generator.submit(**job, on_text=on_text))
             except ValueError as e:  # the engine refused it: take back the ones already queued
-                self._accounted = True
                 self.cancel()
                 raise APIError(400, str(e)) from None
+
+    def _arrived(self, index: int, delta: str, event) -> None:
+        if event.finished:  # accounted here, so generations cancelled by a disconnect count too
+            self.metrics.record_generation(self.generations[index].request)
+        self.queue.put_nowait((index, delta, event))
 
     async def events(self):
         """(index, text delta, engine event) as each step lands, until every generation has finished."""
@@ -284,7 +287,6 @@ class _Batch:
             index, delta, event = await self.queue.get()
             self._open -= event.finished
             yield index, delta, event
-        self._account()
 
     async def collect(self) -> list[str]:
         texts = [""] * len(self.generations)
@@ -297,10 +299,8 @@ class _Batch:
         live = [g for g in self.generations if not g.request.finished]
         for g in live:
             self.engine.cancel(g.request)
-        if live and disconnected:
+        if disconnected:
             self.metrics.disconnects += len(live)
-        if not live:
-            self._account()
 
     def raise_if_failed(self) -> None:
         if any(g.finish_reason == "error" for g in self.generations):
@@ -310,12 +310,6 @@ class _Batch:
         prompt = sum(len(g.request.prompt) for g in self.generations)
         completion = sum(len(g.request.tokens) for g in self.generations)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def _account(self) -> None:
-        if not self._accounted:
-            self._accounted = True
-            for g in self.generations:
-                self.metrics.record_generation(g.request)
 
 
 def _with_limits(app, metrics: Metrics, max_body_bytes: int):

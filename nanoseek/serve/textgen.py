@@ -1,7 +1,7 @@
 """Text on top of the engine: token ids out of the engine become streamed text, ended by stop strings.
 
 Shared by the server and the terminal chat; the engine speaks token ids and this layer owns the
-tokenizer. Every request gets a `TextStream`, which the engine calls on its own thread after each
+tokenizer. Every request gets a `TextDecoder`, which the engine calls on its own thread after each
 new token (it is the request's `stop` callable): it detokenizes incrementally and ends the request
 as soon as a stop string appears. Text handed out never contains a stop string or a piece of one:
 a tail that could still grow into a stop string is held back until it cannot.
@@ -21,7 +21,7 @@ from ..inference.sampling import SamplingParams
 from ..tokenizer import Tokenizer
 
 
-class TextStream:
+class TextDecoder:
     """Incremental detokenization with stop strings; fed and read on the engine thread only."""
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = ()):
@@ -73,7 +73,7 @@ class Generation:
     """One submitted generation: the engine's request and its text."""
 
     request: Request
-    text: TextStream
+    text: TextDecoder
 
     @property
     def finish_reason(self) -> str | None:
@@ -103,7 +103,7 @@ class TextGenerator:
                ignore_eos: bool = False, on_text: Callable[[str, Event], None] | None = None) -> Generation:
         """Queue a generation. on_text(delta, event) is called on the engine thread after each of its
         steps (delta may be empty while text is held back); the last call has event.finished set."""
-        text = TextStream(self.tokenizer, stop)
+        text = TextDecoder(self.tokenizer, stop)
 
         def on_event(event: Event) -> None:
             delta = text.take(final=event.finished)
