@@ -1,0 +1,139 @@
+"""Training checkpoints: a Hugging Face-layout model folder plus everything needed to continue exactly.
+
+    run_dir/step-000500/   config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+                           trainer_state.json (step, settings, data position, metrics so far),
+                           training_state.pt (optimizer moments, RNG), manifest.json (size + sha256 of each file)
+    run_dir/latest -> step-000500
+
+A checkpoint is written under a hidden temporary name and renamed into place once complete (the
+manifest is the last file written), and older ones are deleted only after that, so a crash at
+any moment leaves the previous checkpoint intact. On resume every file is checked against the
+manifest: a truncated or corrupt checkpoint is refused with an error naming the file.
+
+The training state is a torch file (optimizer state is a nest of tensors and numbers); it is read
+with `weights_only=True`, torch's restricted unpickler that cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError, load_weights, replace_dir, save
+from ..config import ConfigError
+from ..data import DataError
+from ..model.transformer import DeepSeekModel
+from ..tokenizer import Tokenizer, TokenizerError
+
+STATE_FILE = "trainer_state.json"
+TENSORS_FILE = "training_state.pt"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# errors the commands report as a one-line message: bad input or a damaged checkpoint
+USER_ERRORS = (CheckpointError, ConfigError, DataError, TokenizerError)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekModel, tokenizer: Tokenizer, state: dict,
+                    tensors: dict, keep: int = 2) -> Path:
+    """Write run_dir/step-{state['step']}, point run_dir/latest at it, keep the newest `keep`."""
+    run_dir = Path(run_dir)
+    name = f"step-{state['step']:06d}"
+    partial = run_dir / f".{name}.partial"
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    extra = {**tokenizer.files(), STATE_FILE: json.dumps(state, indent=1) + "\n", TENSORS_FILE: buffer.getvalue()}
+    save(model, partial, extra_files=extra)
+    manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(partial.iterdir()) if f.is_file()}
+    with open(partial / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    final = run_dir / name
+    replace_dir(partial, final)
+    link = run_dir / f".latest-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(name)
+    os.replace(link, run_dir / "latest")
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in run_dir.glob(".step-*.partial"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """step-N folders of a run, oldest first."""
+    run_dir = Path(run_dir)
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))] if run_dir.is_dir() else []
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless every file listed in the manifest is there, whole and unchanged."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{path} has no {MANIFEST}: not a complete training checkpoint")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{manifest_path} is corrupt ({e})") from e
+    for name, info in manifest.items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        size = file.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"checkpoint file {file} is truncated or altered: {size} bytes, expected {info['bytes']}")
+        if _sha256(file) != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {file} is corrupt: its sha256 does not match {MANIFEST}")
+
+
+def resolve_resume(path: str | os.PathLike) -> Path:
+    """A checkpoint folder (verified; an error if damaged), or a run folder: its newest intact checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"nothing to resume at {path}")
+    if (path / MANIFEST).exists() or (path / STATE_FILE).exists() or not list_checkpoints(path):
+        verify_checkpoint(path)
+        return path.resolve()
+    for candidate in reversed(list_checkpoints(path)):
+        try:
+            verify_checkpoint(candidate)
+            return candidate
+        except CheckpointError as e:
+            warnings.warn(f"refusing checkpoint {candidate.name}: {e}; trying the previous one")
+    raise CheckpointError(f"no intact checkpoint in {path}")
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def load_checkpoint(path: str | os.PathLike, model: DeepSeekModel) -> tuple[dict, dict]:
+    """Verify, fill model's weights, and return (trainer_state.json, training_state.pt contents)."""
+    path = Path(path)
+    verify_checkpoint(path)
+    load_weights(model, path)
+    try:
+        tensors = torch.load(path / TENSORS_FILE, weights_only=True)
+    except Exception as e:  # torch raises several kinds for a damaged file
+        raise CheckpointError(f"{path / TENSORS_FILE}: unreadable training state ({e})") from e
+    return read_state(path), tensors

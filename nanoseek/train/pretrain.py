@@ -1,0 +1,206 @@
+"""`nanoseek train`: pretrain a DeepSeek-V3-architecture model from scratch on a text corpus.
+
+    nanoseek train                                    # the main job: Python's stdlib sources, preset 'small', 10 min
+    nanoseek train --corpus ../shared/data/text/tinyshakespeare.txt --out runs/shakespeare --minutes 5
+    nanoseek train --set n_routed_experts=0 --set intermediate_size=800   # any config field
+    nanoseek train --resume runs/stdlib               # continue exactly from the newest intact checkpoint
+
+A run folder holds data/ (the tokenizer and token shards, reused by later runs on the same corpus),
+step-N/ checkpoints (Hugging Face layout; `nanoseek.load(run/"latest")`), metrics.jsonl and
+train_plot.png. At the end the model completes a few prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import PRESETS, ModelConfig, get_preset
+from ..data import (PackedLoader, TokenStream, iter_documents, prepare_shards, read_meta, resolve_corpus,
+                    tokenizer_fingerprint, val_batches)
+from ..model.params import count_parameters, human
+from ..model.transformer import build_model
+from ..tokenizer import Tokenizer, sample_texts
+from .checkpoint import USER_ERRORS, read_state, resolve_resume
+from .trainer import Settings, Trainer
+
+CODE_PROMPTS = ["import os\n\ndef ", "class Stack:\n    def __init__(self", "    for i in range(", "def fibonacci(n):\n"]
+
+SETTING_HELP = {
+    "steps": "optimizer steps (default: as many as fit --minutes)",
+    "minutes": "time budget for training; the step count is fixed after a 10-step probe",
+    "schedule": "cosine | wsd",
+    "mtp_depth": "MTP depth D trained (<= num_nextn_predict_layers; 0 = no MTP loss)",
+    "mtp_lambda": "weight of the MTP loss",
+    "bias_gamma": "router-bias update speed (auxiliary-loss-free balancing); 0 = off",
+    "balance_alpha": "weight of the sequence-wise balance loss; 0 = off",
+    "dtype": "fp32 | bf16 (autocast; weights and optimizer stay fp32)",
+    "activation_checkpointing": "recompute activations in backward to save memory",
+    "save_every": "checkpoint every N steps (and always at the end)",
+    "keep": "checkpoints to keep",
+}
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, defaults: Settings) -> None:
+    """One --flag per Settings field, typed from its default."""
+    for field in dataclasses.fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=default, help=SETTING_HELP.get(field.name))
+        else:
+            kind = {"steps": int, "minutes": float}.get(field.name, type(default))
+            parser.add_argument(flag, type=kind, default=default, help=SETTING_HELP.get(field.name))
+
+
+def settings_from_args(args) -> Settings:
+    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", default="stdlib", help="folder, .txt, .jsonl with 'text', or 'stdlib' (Python's own sources)")
+    parser.add_argument("--out", default=None, help="run folder (default runs/<corpus name>)")
+    parser.add_argument("--preset", default="small", choices=sorted(n for n in PRESETS if not n.startswith("deepseek")))
+    parser.add_argument("--config", default=None, help="a config.json to start from instead of a preset")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field (JSON value)")
+    parser.add_argument("--tokenizer", default=None, help="an existing tokenizer (folder or tokenizer.json); default: train one")
+    parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary of the trained tokenizer (default: the config's)")
+    parser.add_argument("--tokenizer-max-bytes", type=int, default=20_000_000)
+    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--prompt", action="append", default=None, help="prompt to complete at the end (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly (its settings are used)")
+    add_settings_arguments(parser, Settings(minutes=10.0))
+
+
+def model_config(args, vocab_size: int, tok: Tokenizer) -> ModelConfig:
+    config = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
+    changes = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in {f.name for f in dataclasses.fields(ModelConfig)}:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with a ModelConfig field")
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value
+    changes.update(vocab_size=vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    config = config.replace(**changes)
+    config.validate()
+    return config
+
+
+def prepare_data(args, run_dir: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
+    """The tokenizer and shards under run_dir/data, reused when they match the corpus and tokenizer."""
+    data_dir = run_dir / "data"
+    corpus = str(resolve_corpus(args.corpus))
+    if args.tokenizer:
+        tok = Tokenizer.load(args.tokenizer)
+    elif (data_dir / "tokenizer.json").exists() and read_meta(data_dir).get("corpus") == corpus \
+            and read_meta(data_dir)["vocab_size"] == vocab_size:
+        tok = Tokenizer.load(data_dir)
+    else:
+        start = time.perf_counter()
+        texts = sample_texts((t for _, t in iter_documents(args.corpus)), args.tokenizer_max_bytes)
+        tok = Tokenizer.train(texts, vocab_size)
+        print(f"trained a {vocab_size}-token BPE tokenizer on {corpus} in {time.perf_counter() - start:.1f}s")
+    fresh = False
+    try:
+        meta = read_meta(data_dir)
+        fresh = meta["corpus"] == corpus and meta["tokenizer_sha256"] == tokenizer_fingerprint(tok) \
+            and meta["val_fraction"] == args.val_fraction
+    except Exception:
+        pass
+    if not fresh:
+        start = time.perf_counter()
+        meta = prepare_shards(args.corpus, tok, data_dir, val_fraction=args.val_fraction)
+        tok.save(data_dir)
+        n = {k: sum(v["tokens"]) for k, v in meta["splits"].items()}
+        print(f"tokenized {corpus}: {n['train']:,} train / {n['val']:,} val tokens in {time.perf_counter() - start:.1f}s")
+    return tok, data_dir
+
+
+@torch.no_grad()
+def complete(model, tok: Tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> str:
+    """Continue prompt (after <bos>) by sampling at temperature (0: greedy), recomputing the whole window each step."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([tok.encode(prompt, bos=True)])
+    window = model.config.max_position_embeddings
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -window:])[0, -1].float()
+        if temperature > 0:
+            next_id = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
+        else:
+            next_id = logits.argmax(-1, keepdim=True)
+        if int(next_id) == tok.eos_id:
+            break
+        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    return tok.decode(ids[0, 1:].tolist())
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except USER_ERRORS as e:  # bad input or a damaged checkpoint: a message, not a traceback
+        print(f"nanoseek train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    resumed = args.resume is not None
+    if resumed:
+        checkpoint = resolve_resume(args.resume)
+        state = read_state(checkpoint)
+        settings = Settings.from_dict(state["settings"])
+        run_dir, data_dir = checkpoint.parent, Path(state["data_dir"])
+        tok = Tokenizer.load(checkpoint)
+        config = ModelConfig.from_json(checkpoint / "config.json")
+        corpus = state["corpus"]
+        print(f"resuming {checkpoint} at step {state['step']}")
+    else:
+        corpus = args.corpus
+        settings = settings_from_args(args)
+        if settings.steps is not None:
+            settings.minutes = None
+        run_dir = Path(args.out or f"runs/{Path(str(resolve_corpus(args.corpus))).stem if args.corpus != 'stdlib' else 'stdlib'}")
+        base = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
+        tok, data_dir = prepare_data(args, run_dir, args.vocab_size or base.vocab_size)
+        config = model_config(args, tok.vocab_size, tok)
+    train_stream, val_stream = TokenStream(data_dir, "train"), TokenStream(data_dir, "val")
+    loader = PackedLoader(train_stream, settings.batch_size, settings.seq_len, seed=settings.seed)
+    val = val_batches(val_stream, settings.batch_size, settings.seq_len, settings.eval_batches)
+    model = build_model(config, seed=settings.seed)
+    counts = count_parameters(config)
+    print(f"model: {human(counts['total'])} parameters ({human(counts['activated'])} activated per token) "
+          f"+ {human(counts['mtp_total'])} in {config.num_nextn_predict_layers} MTP module(s); "
+          f"{len(train_stream):,} training tokens; batch {settings.batch_size}x{settings.seq_len}x{settings.grad_accum}; "
+          f"{settings.dtype}; {torch.get_num_threads()} threads")
+    trainer = Trainer(model, settings, tok, loader, val, run_dir, extra_state={"data_dir": str(data_dir.resolve()),
+                                                                             "corpus": corpus})
+    if resumed:
+        trainer.load(checkpoint)
+    result = trainer.fit(resumed=resumed)
+    print(f"\ntrained {result['step']} steps in {result['elapsed'] / 60:.1f} min; "
+          f"val loss {result.get('val_loss', float('nan')):.3f}"
+          + (f", MTP draft agrees with the model on {100 * result['val_mtp_agree']:.0f}% of val tokens"
+             if "val_mtp_agree" in result else ""))
+    prompts = args.prompt or (CODE_PROMPTS if corpus == "stdlib" else [tok.decode(val_stream.read(1, 8).tolist())])
+    for prompt in prompts:
+        text = complete(model, tok, prompt, args.max_new_tokens)
+        print(f"\n--- {prompt!r}\n{text}")
+    latest = (run_dir / "latest").resolve()
+    print(f"\ncheckpoint: {latest}  (load with nanoseek.load('{run_dir / 'latest'}'))")
+    print(f"metrics:    {run_dir / 'metrics.jsonl'}")
+    print(f"plot:       {run_dir / 'train_plot.png'}")
+    return 0

@@ -1,0 +1,181 @@
+"""`nanoseek sft`: supervised fine-tuning of a pretrained checkpoint on chat conversations.
+
+    nanoseek sft --init runs/stdlib/latest --data chats.jsonl --out runs/sft --steps 200
+
+The data is JSONL in OpenAI messages form, one conversation a line:
+`{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`. Conversations are
+rendered with the tokenizer's chat template (DeepSeek-V3's) and the loss covers only the
+assistant's replies and the end-of-sentence after each; system and user text and the role tokens
+are context. One conversation per row, truncated to seq_len, padded to the longest in the batch.
+Checkpoints, logging and `--resume` work as in `nanoseek train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import load as load_model
+from ..tokenizer import Tokenizer, TokenizerError
+from .checkpoint import USER_ERRORS, read_state, resolve_resume
+from .pretrain import add_settings_arguments, settings_from_args
+from .trainer import IGNORE, Settings, Trainer
+
+
+class SFTDataError(ValueError):
+    """A chat JSONL line is malformed; names the file and line."""
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise SFTDataError(f"{path}:{lineno}: expected {{\"messages\": [...]}} ({e})") from e
+            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+                raise SFTDataError(f"{path}:{lineno}: no assistant message, nothing to learn from")
+            conversations.append(messages)
+    if not conversations:
+        raise SFTDataError(f"{path}: no conversations")
+    return conversations
+
+
+def encode_examples(tok: Tokenizer, conversations: list[list[dict]], seq_len: int, where: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each conversation -> (inputs, targets) of at most seq_len tokens; targets are IGNORE except
+    where the token to predict is part of an assistant reply."""
+    examples = []
+    for i, messages in enumerate(conversations):
+        try:
+            ids, mask = tok.encode_chat_for_training(messages)
+        except TokenizerError as e:
+            raise SFTDataError(f"{where}conversation {i}: {e}") from e
+        ids, mask = np.array(ids[: seq_len + 1], dtype=np.int64), np.array(mask[: seq_len + 1])
+        targets = np.where(mask[1:], ids[1:], IGNORE)
+        if (targets != IGNORE).any():  # a reply cut off entirely by truncation teaches nothing
+            examples.append((ids[:-1], targets))
+    return examples
+
+
+def collate(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest example: padding comes after every real token, so causal
+    attention never lets a real token see it, and its targets are ignored."""
+    width = max(len(x) for x, _ in examples)
+    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, (x, y) in enumerate(examples):
+        inputs[row, : len(x)] = torch.from_numpy(x)
+        targets[row, : len(y)] = torch.from_numpy(y)
+    return inputs, targets
+
+
+class ChatLoader:
+    """Batches of conversations in a seeded order per epoch; resumable like PackedLoader."""
+
+    def __init__(self, examples: list, batch_size: int, pad_id: int, seed: int = 0):
+        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
+        self.epoch, self.index = 0, 0
+        self._order_epoch, self._order = -1, None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = []
+        while len(chosen) < self.batch_size:
+            if self.index >= len(self.examples):
+                self.epoch, self.index = self.epoch + 1, 0
+            if self._order_epoch != self.epoch:
+                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+                self._order_epoch = self.epoch
+            chosen.append(self.examples[self._order[self.index]])
+            self.index += 1
+        return collate(chosen, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.epoch, self.index = state["seed"], state["epoch"], state["index"]
+
+
+def split_conversations(conversations: list, val_fraction: float) -> tuple[list, list]:
+    """Held out by a hash of the conversation's text, so the split survives reordering the file."""
+    train, val = [], []
+    for messages in conversations:
+        key = zlib.crc32(json.dumps(messages, sort_keys=True).encode())
+        (val if key % 10_000 < val_fraction * 10_000 else train).append(messages)
+    if not val and len(train) > 1:
+        val.append(train.pop())
+    return train, val
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init", help="pretrained checkpoint folder (e.g. runs/stdlib/latest)")
+    parser.add_argument("--data", help="chat JSONL: {\"messages\": [{\"role\", \"content\"}, ...]} per line")
+    parser.add_argument("--out", default="runs/sft")
+    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
+    add_settings_arguments(parser, Settings(steps=200, lr=3e-4, warmup_steps=20, seq_len=512, eval_every=50, log_every=5))
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except USER_ERRORS as e:  # bad input or a damaged checkpoint: a message, not a traceback
+        print(f"nanoseek sft: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.resume:
+        checkpoint = resolve_resume(args.resume)
+        state = read_state(checkpoint)
+        settings = Settings.from_dict(state["settings"])
+        init, data, run_dir, val_fraction = checkpoint, state["data"], checkpoint.parent, state["val_fraction"]
+        print(f"resuming {checkpoint} at step {state['step']}")
+    else:
+        if not args.init or not args.data:
+            raise SystemExit("nanoseek sft needs --init CHECKPOINT and --data CHATS.jsonl (or --resume RUN)")
+        settings = settings_from_args(args)
+        init, data, run_dir, val_fraction = Path(args.init), args.data, Path(args.out), args.val_fraction
+    tok = Tokenizer.load(init)
+    model = load_model(init, dtype=torch.float32)
+    settings.mtp_depth = min(settings.mtp_depth, len(model.mtp))
+    train_conv, val_conv = split_conversations(read_conversations(data), val_fraction)
+    train = encode_examples(tok, train_conv, settings.seq_len, f"{data}: ")
+    val_examples = encode_examples(tok, val_conv, settings.seq_len, f"{data}: ")
+    val = [collate(val_examples[i : i + settings.batch_size], tok.pad_id)
+           for i in range(0, min(len(val_examples), settings.batch_size * settings.eval_batches), settings.batch_size)]
+    n_targets = sum(int((y != IGNORE).sum()) for _, y in train)
+    print(f"SFT: {len(train)} train / {len(val_examples)} val conversations, {n_targets:,} assistant tokens to learn")
+    loader = ChatLoader(train, settings.batch_size, tok.pad_id, seed=settings.seed)
+    trainer = Trainer(model, settings, tok, loader, val, run_dir,
+                      extra_state={"data": str(Path(data).resolve()), "init": str(Path(init).resolve()), "val_fraction": val_fraction})
+    if args.resume:
+        trainer.load(checkpoint)
+    result = trainer.fit(resumed=bool(args.resume))
+    print(f"\nfine-tuned {result['step']} steps; val loss on assistant tokens {result.get('val_loss', float('nan')):.3f}")
+    if val_conv:
+        prompt = [m for m in val_conv[0] if m.get("role") != "assistant"][:2]
+        ids = torch.tensor([tok.encode_chat(prompt)])
+        model.eval()
+        with torch.no_grad():
+            for _ in range(64):
+                next_id = model(ids)[0, -1].argmax()
+                if int(next_id) == tok.eos_id:
+                    break
+                ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+        print(f"\n{tok.decode(ids[0].tolist())}")
+    print(f"\ncheckpoint: {(run_dir / 'latest').resolve()}\nplot: {run_dir / 'train_plot.png'}")
+    return 0

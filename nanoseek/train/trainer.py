@@ -1,0 +1,298 @@
+"""The training step and loop shared by pretraining and SFT.
+
+One optimizer step: for each of grad_accum micro-batches, forward (under bf16 autocast if asked),
+next-token loss + lambda * mean MTP loss over depths 1..D + alpha * sequence-wise balance loss,
+backward; then clip, AdamW step, and the auxiliary-loss-free router-bias update from the step's
+expert loads. Losses are means over the target tokens of the whole step (targets of -100 are
+ignored: SFT masks everything but the assistant's tokens that way).
+
+The loop logs to a tqdm bar and metrics.jsonl, evaluates, checkpoints, and resumes exactly: the
+weights, AdamW moments, step (hence learning rate), data position and RNG all come back, so a
+resumed run computes the same losses bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from ..model.transformer import DeepSeekModel
+from ..tokenizer import Tokenizer
+from . import balance
+from .checkpoint import load_checkpoint, save_checkpoint
+from .metrics import MetricsLog, measure_matmul_flops, plot_run, train_flops_per_token
+from .optim import build_optimizer, lr_at
+
+IGNORE = -100
+
+
+@dataclass
+class Settings:
+    """Every knob of a run; saved in checkpoints, so `--resume` needs nothing else."""
+
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    steps: int | None = None  # total optimizer steps; None: set by the time budget
+    minutes: float | None = None  # time budget; the step count is fixed after a short probe
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # or "wsd"
+    decay_frac: float = 0.2  # WSD: fraction of steps in the final decay
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_depth: int = 1  # D; at most the model's num_nextn_predict_layers
+    mtp_lambda: float = 0.3  # DeepSeek-V3: 0.3, then 0.1 for the last stretch
+    bias_gamma: float = 1e-3  # DeepSeek-V3: 0.001; 0 turns the bias update off
+    balance_alpha: float = 1e-4  # DeepSeek-V3: 0.0001
+    dtype: str = "fp32"  # or "bf16": autocast, fp32 master weights and optimizer
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 0  # 0: only at the end
+    keep: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Settings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+class Loader(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss over targets that are not IGNORE, in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def enable_activation_checkpointing(model: DeepSeekModel) -> None:
+    """Recompute each block's activations in backward instead of storing them (memory for time)."""
+    for block in [*model.model.layers, *model.mtp]:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+class Trainer:
+    def __init__(self, model: DeepSeekModel, settings: Settings, tokenizer: Tokenizer, loader: Loader,
+                 val: list[tuple[torch.Tensor, torch.Tensor]], run_dir: str | Path, extra_state: dict | None = None):
+        self.model, self.s, self.tokenizer, self.loader, self.val = model, settings, tokenizer, loader, val
+        self.run_dir = Path(run_dir)
+        self.extra_state = extra_state or {}  # what the command needs to rebuild data and model on resume
+        if settings.mtp_depth > len(model.mtp):
+            raise ValueError(f"--mtp-depth {settings.mtp_depth} but the model has {len(model.mtp)} MTP modules "
+                             "(num_nextn_predict_layers)")
+        if settings.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype must be 'fp32' or 'bf16', got {settings.dtype!r}")
+        self.optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
+        self.moes = balance.moe_layers(model)
+        self.step = 0
+        self.total_steps = settings.steps
+        self.elapsed = 0.0  # training seconds before this process (resumed runs)
+        self.history: dict = {"best_val_loss": None}
+        if settings.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        self.flops_per_token = train_flops_per_token(model.config, settings.seq_len, settings.mtp_depth)
+        self.peak_flops = None
+
+    @property
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.s.dtype == "bf16")
+
+    # ---- one optimizer step --------------------------------------------------------------------
+    def train_step(self) -> dict:
+        s, model = self.s, self.model
+        model.train()
+        lr = lr_at(self.step, max_lr=s.lr, total_steps=self.total_steps or 10**9, warmup_steps=s.warmup_steps,
+                   schedule=s.schedule, min_lr_ratio=s.min_lr_ratio, decay_frac=s.decay_frac)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [self.loader.next_batch() for _ in range(s.grad_accum)]
+        # normalise by the step's target count so every target token weighs the same
+        n_targets = sum(int((t != IGNORE).sum()) for _, t in batches)
+        n_mtp = [sum(int((t[:, k:] != IGNORE).sum()) for _, t in batches) for k in range(1, s.mtp_depth + 1)]
+        counts = [torch.zeros(moe.gate.n_experts, dtype=torch.long) for _, moe in self.moes]
+        loss_sum = mtp_sum = bal_sum = 0.0
+        for inputs, targets in batches:
+            with self.autocast:
+                logits, hidden = model(inputs, return_hidden=True)
+                loss = cross_entropy_sum(logits, targets) / max(1, n_targets)
+                total = loss
+                if s.mtp_depth:
+                    mtp_logits = model.mtp_forward(hidden, inputs, s.mtp_depth)
+                    mtp = sum(cross_entropy_sum(l, targets[:, k:]) / max(1, n_mtp[k - 1])
+                              for k, l in enumerate(mtp_logits, 1)) / s.mtp_depth
+                    total = total + s.mtp_lambda * mtp
+                    mtp_sum += float(mtp.detach())
+                active = [(i, moe) for i, (_, moe) in enumerate(self.moes) if moe.last_topk_idx is not None]
+                if s.balance_alpha and active:
+                    bal = sum(balance.sequence_balance_loss(moe, inputs.shape[0]) for _, moe in active) / s.grad_accum
+                    total = total + s.balance_alpha * bal
+                    bal_sum += float(bal.detach())
+            total.backward()
+            loss_sum += float(loss.detach())
+            for i, moe in active:
+                counts[i] += balance.routed_counts(moe)
+                moe.last_topk_idx = moe.last_scores = None  # release the graph; also marks "not run"
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip) if s.grad_clip else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for (_, moe), c in zip(self.moes, counts):
+            balance.update_router_bias(moe, c, s.bias_gamma)
+        self.step += 1
+        return {
+            "loss": loss_sum,
+            "mtp_loss": mtp_sum if s.mtp_depth else None,
+            "balance_loss": bal_sum if s.balance_alpha and self.moes else None,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "lr": lr,
+            "tokens": sum(t.numel() for t, _ in batches),
+            "expert_counts": counts,
+        }
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean val loss; with MTP, its loss at depth 1 and how often its guess for token i+2 equals
+        the main model's (the draft acceptance of greedy self-speculative decoding on this text)."""
+        model, s = self.model, self.s
+        model.eval()
+        loss = mtp = n = n_mtp = agree = 0.0
+        for inputs, targets in self.val:
+            with self.autocast:
+                logits, hidden = model(inputs, return_hidden=True)
+                loss += float(cross_entropy_sum(logits, targets))
+                n += int((targets != IGNORE).sum())
+                if s.mtp_depth:
+                    (draft,) = model.mtp_forward(hidden, inputs, 1)
+                    mtp += float(cross_entropy_sum(draft, targets[:, 1:]))
+                    n_mtp += int((targets[:, 1:] != IGNORE).sum())
+                    agree += float((draft.argmax(-1) == logits[:, 1:].argmax(-1)).float().sum())
+        for _, moe in self.moes:
+            moe.last_topk_idx = moe.last_scores = None
+        out = {"val_loss": loss / max(1, n)}
+        if s.mtp_depth:
+            out["val_mtp_loss"] = mtp / max(1, n_mtp)
+            out["val_mtp_agree"] = agree / max(1, n_mtp)
+        return out
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "elapsed": self.elapsed_now(),
+            "settings": dataclasses.asdict(self.s),
+            "loader": self.loader.state_dict(),
+            "history": self.history,
+            **self.extra_state,
+        }
+        tensors = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        return save_checkpoint(self.run_dir, self.model, self.tokenizer, state, tensors, keep=self.s.keep)
+
+    def load(self, path: str | Path) -> dict:
+        state, tensors = load_checkpoint(path, self.model)
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        torch.set_rng_state(tensors["torch_rng"])
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.total_steps = state["step"], state["total_steps"]
+        self.elapsed, self.history = state["elapsed"], state["history"]
+        return state
+
+    def elapsed_now(self) -> float:
+        return self.elapsed + (time.perf_counter() - self._started if hasattr(self, "_started") else 0.0)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self, resumed: bool = False) -> dict:
+        s = self.s
+        self.peak_flops = measure_matmul_flops(torch.bfloat16 if s.dtype == "bf16" else torch.float32)
+        log = MetricsLog(self.run_dir, resume_step=self.step if resumed else None)
+        self._started = time.perf_counter()
+        probe_steps = 10
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
+        window = {"tokens": 0, "seconds": 0.0, "counts": None, "loss": [], "mtp": []}
+        last_val: dict = {}
+        while self.total_steps is None or self.step < self.total_steps:
+            start = time.perf_counter()
+            stats = self.train_step()
+            seconds = time.perf_counter() - start
+            window["tokens"] += stats["tokens"]
+            window["seconds"] += seconds
+            window["loss"].append(stats["loss"])
+            if stats["mtp_loss"] is not None:
+                window["mtp"].append(stats["mtp_loss"])
+            counts = torch.stack(stats["expert_counts"]) if self.moes else None
+            window["counts"] = counts if window["counts"] is None else window["counts"] + counts
+            if self.total_steps is None and self.step >= probe_steps:
+                self.total_steps = self._steps_for_budget()
+                bar.reset(total=self.total_steps)
+                bar.update(self.step)
+            last = self.total_steps is not None and self.step >= self.total_steps
+            row = {"step": self.step, "loss": stats["loss"]}
+            if self.step % s.log_every == 0 or last:
+                row.update(self._interval_metrics(stats, window))
+                window = {"tokens": 0, "seconds": 0.0, "counts": None, "loss": [], "mtp": []}
+            if s.eval_every and (self.step % s.eval_every == 0 or last) and self.val:
+                last_val = self.evaluate()
+                row.update(last_val)
+                best = self.history.get("best_val_loss")
+                self.history["best_val_loss"] = last_val["val_loss"] if best is None else min(best, last_val["val_loss"])
+            if len(row) > 2 or s.log_every == 1:
+                log.log(row)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in [("loss", stats["loss"]), ("val", last_val.get("val_loss")),
+                             ("tok/s", row.get("tokens_per_s")), ("mfu", row.get("mfu"))] if v is not None}, refresh=False)
+            if last or (s.save_every and self.step % s.save_every == 0):
+                self.save()
+        bar.close()
+        log.close()
+        plot_run(log.path, self.run_dir / "train_plot.png", title=self.run_dir.name)
+        return {"step": self.step, **last_val, "elapsed": self.elapsed_now()}
+
+    def _interval_metrics(self, stats: dict, window: dict) -> dict:
+        tokens_per_s = window["tokens"] / max(window["seconds"], 1e-9)
+        row = {
+            "loss_avg": sum(window["loss"]) / len(window["loss"]),
+            "lr": stats["lr"],
+            "grad_norm": stats["grad_norm"],
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+            "elapsed": self.elapsed_now(),
+        }
+        if window["mtp"]:
+            row["mtp_loss"] = sum(window["mtp"]) / len(window["mtp"])
+        if stats["balance_loss"] is not None:
+            row["balance_loss"] = stats["balance_loss"]
+        if window["counts"] is not None:
+            counts = window["counts"]
+            row["moe_layers"] = [i for i, _ in self.moes]
+            row["load_max_over_mean"] = [balance.load_imbalance(c) for c in counts]
+            row["expert_load"] = (counts.float() / counts.sum(dim=1, keepdim=True).clamp_min(1)).tolist()
+        return row
+
+    def _steps_for_budget(self) -> int:
+        """Total steps that fit the time budget, from the probe steps' pace and one timed evaluation."""
+        s = self.s
+        spent = time.perf_counter() - self._started
+        per_step = spent / self.step
+        eval_start = time.perf_counter()
+        if self.val and s.eval_every:
+            self.evaluate()
+        per_step += (time.perf_counter() - eval_start) / s.eval_every if s.eval_every else 0.0
+        remaining = s.minutes * 60 - self.elapsed - (time.perf_counter() - self._started)
+        return max(self.step + 1, self.step + math.floor(remaining / per_step))

@@ -1,0 +1,75 @@
+"""SFT: only assistant tokens are targets; a short fine-tune from a checkpoint learns the replies."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.tokenizer import EOS, Tokenizer
+from nanoseek.train import sft
+from nanoseek.train.trainer import IGNORE
+
+CHATS = [
+    {"messages": [{"role": "system", "content": "You add numbers."},
+                  {"role": "user", "content": f"What is {a} plus {b}?"},
+                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+    for a in range(12) for b in range(12)
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = [json.dumps(c) for c in CHATS]
+    return Tokenizer.train(text, vocab_size=300)
+
+
+def test_only_assistant_tokens_are_targets(tok):
+    messages = [{"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "Say hi."},
+                {"role": "assistant", "content": "Hi."},
+                {"role": "user", "content": "Again, in German."},
+                {"role": "assistant", "content": "Hallo."}]
+    [(inputs, targets)] = sft.encode_examples(tok, [messages], seq_len=256)
+    assert inputs[0] == tok.bos_id and len(inputs) == len(targets)
+    trained = targets[targets != IGNORE].tolist()
+    assert tok.decode(trained) == "Hi." + EOS + "Hallo." + EOS
+    # the targets sit where those tokens come next in the conversation
+    kept = targets != IGNORE
+    assert (targets[:-1][kept[:-1]] == inputs[1:][kept[:-1]]).all()
+    batch_inputs, batch_targets = sft.collate([(inputs, targets), (inputs[:5], targets[:5])], tok.pad_id)
+    assert batch_inputs[1, 5:].eq(tok.pad_id).all() and batch_targets[1, 5:].eq(IGNORE).all()
+
+
+def test_truncated_reply_and_bad_lines(tok, tmp_path):
+    long_user = [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "ok"}]
+    assert sft.encode_examples(tok, [long_user], seq_len=16) == []  # the reply was cut off: nothing to learn
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(sft.SFTDataError, match="bad.jsonl:1: no assistant"):
+        sft.read_conversations(tmp_path / "bad.jsonl")
+
+
+def test_sft_command_fine_tunes_a_checkpoint(tok, tmp_path):
+    config = nanoseek.get_preset("test").replace(vocab_size=tok.vocab_size)
+    nanoseek.save(nanoseek.build_model(config, seed=0), tmp_path / "base", extra_files=tok.files())
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS))
+    parser = argparse.ArgumentParser()
+    sft.add_arguments(parser)
+    args = parser.parse_args(["--init", str(tmp_path / "base"), "--data", str(tmp_path / "chats.jsonl"), "--out",
+                              str(tmp_path / "sft"), "--steps", "30", "--batch-size", "8", "--seq-len", "64",
+                              "--lr", "3e-3", "--warmup-steps", "3", "--eval-every", "30", "--log-every", "1"])
+    assert sft.run(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 30 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0
+    assert rows[-1]["val_loss"] < losses[0]
+    assert nanoseek.load(tmp_path / "sft" / "latest").config.vocab_size == tok.vocab_size
