@@ -1,0 +1,164 @@
+"""VLM data and training: MedMNIST and JSONL loading, reply-only targets, a tiny training run that
+lowers its loss, eval-vlm's output, AUC, and starting from a text checkpoint."""
+
+import argparse
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nanoseek
+from nanoseek.cli import main
+from nanoseek.tokenizer import IMAGE, Tokenizer
+from nanoseek.train import vlm
+from nanoseek.train.vlm_data import (
+    VLMDataError, load_medmnist, make_batch, medmnist_examples, medmnist_task, prompt_ids, read_jsonl,
+)
+from nanoseek.train.vlm_eval import multiclass_auc, roc_auc
+from nanoseek.model.vision import VisionConfig, image_token_count
+
+BREAST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "breastmnist.npz"
+TINY = ["--image-size", "8", "--patch-size", "2", "--vision-width", "32", "--vision-layers", "1", "--vision-heads", "2"]
+
+
+def fake_medmnist(path: Path, n_classes=2, rgb=False, n=(64, 16, 16), size=8, seed=0):
+    """Classes told apart by brightness, so a few steps can learn them."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        labels = rng.integers(0, n_classes, count)
+        shape = (count, size, size, 3) if rgb else (count, size, size)
+        noise = rng.random(shape) * 40
+        level = (labels * (200 // max(1, n_classes - 1))).reshape((-1,) + (1,) * (len(shape) - 1))
+        arrays[f"{split}_images"] = np.clip(noise + level, 0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    vlm.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_medmnist_tasks_use_class_names():
+    task = medmnist_task("data/breastmnist.npz", 2)
+    assert task.question == "What does this breast ultrasound show?"
+    assert task.class_names == ["malignant", "normal or benign"]
+    assert medmnist_task("pneumoniamnist_variant.npz", 2).class_names == ["normal", "pneumonia"]
+    assert len(medmnist_task("organsmnist.npz", 11).class_names) == 11
+    unknown = medmnist_task("mystery.npz", 3)
+    assert unknown.class_names == ["class 0", "class 1", "class 2"] and unknown.question == "What does this image show?"
+
+
+def test_medmnist_loader_takes_grayscale_and_rgb_and_any_class_count(tmp_path):
+    images, labels, task = load_medmnist(fake_medmnist(tmp_path / "gray.npz"), "val")
+    assert images.shape == (16, 8, 8) and labels.dtype == np.int64 and task.class_names == ["class 0", "class 1"]
+    examples, task = medmnist_examples(fake_medmnist(tmp_path / "dermamnist.npz", n_classes=7, rgb=True), "train")
+    assert examples[0].image.mode == "RGB" and len(task.class_names) == 7
+    assert examples[0].messages[1]["content"] == task.class_names[examples[0].label]
+    assert examples[0].messages[0]["content"] == f"{IMAGE}\n{task.question}"
+    multi = tmp_path / "chestmnist.npz"
+    np.savez(multi, train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.zeros((2, 14), np.uint8))
+    with pytest.raises(VLMDataError, match="multi-label"):
+        load_medmnist(multi, "train")
+    with pytest.raises(VLMDataError, match="no 'val_images'"):
+        load_medmnist(multi, "val")
+
+
+def test_jsonl_images_by_path_and_base64(tmp_path):
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png, "PNG")
+    (tmp_path / "a.png").write_bytes(png.getvalue())
+    lines = [
+        {"image": "a.png", "messages": [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "dark"}]},
+        {"image": base64.b64encode(png.getvalue()).decode(),
+         "messages": [{"role": "user", "content": f"Look: {IMAGE} what?"}, {"role": "assistant", "content": "dark"}]},
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    examples = read_jsonl(tmp_path / "d.jsonl")
+    assert examples[0].image == str(tmp_path / "a.png")
+    assert examples[0].messages[0]["content"] == f"{IMAGE}\nDescribe."  # mark added before the text
+    assert examples[1].messages[0]["content"] == f"Look: {IMAGE} what?"
+    bad = dict(lines[1], messages=[{"role": "user", "content": f"{IMAGE}{IMAGE}"}, {"role": "assistant", "content": "x"}])
+    (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(VLMDataError, match="2 image marks"):
+        read_jsonl(tmp_path / "bad.jsonl")
+    (tmp_path / "bad2.jsonl").write_text('{"image": "a.png"}\n')
+    with pytest.raises(VLMDataError, match=r"bad2.jsonl:1: needs 'image' and 'messages'"):
+        read_jsonl(tmp_path / "bad2.jsonl")
+
+
+def test_batches_learn_only_the_reply(tmp_path):
+    examples, task = medmnist_examples(fake_medmnist(tmp_path / "breastmnist.npz"), "train")
+    tok = Tokenizer.train(vlm.data_texts(examples), vocab_size=300)
+    vcfg = VisionConfig(image_size=8, patch_size=2, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, max_tiles=1)
+    batch = make_batch(examples[:4], tok, vcfg)
+    n_image = image_token_count(vcfg)
+    for row, ex in zip(range(4), examples):
+        ids = batch.input_ids[row].tolist()
+        assert ids.count(tok.image_id) == n_image
+        start = ids.index(tok.image_id)
+        assert ids[start : start + n_image] == [tok.image_id] * n_image
+        learned = [t for t in batch.targets[row].tolist() if t != -100]
+        assert tok.decode(learned) == task.class_names[ex.label] + tok.eos_token  # the reply and its end, nothing else
+    prompt = prompt_ids(tok, examples[0].messages, batch.images[0], vcfg)
+    assert prompt[-1] == tok.assistant_id and prompt.count(tok.image_id) == n_image
+
+
+def test_tiny_vlm_training_lowers_the_loss_and_eval_reports_accuracy(tmp_path, capsys):
+    data = fake_medmnist(tmp_path / "breastmnist.npz")
+    args = parse(["--data", str(data), "--out", str(tmp_path / "vlm"), "--epochs", "6", "--batch-size", "16",
+                  "--lr", "3e-3", "--warmup-steps", "2", *TINY])
+    info = vlm.run_training(args)
+    losses = [h["train_loss"] for h in info["history"]]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert info["history"][0]["stage"] == 1 and info["history"][-1]["stage"] == 2
+    model = nanoseek.load(tmp_path / "vlm")
+    assert model.vision is not None and model.config.image_token_id == Tokenizer.load(tmp_path / "vlm").image_id
+    capsys.readouterr()
+    assert main(["eval-vlm", "--model", str(tmp_path / "vlm"), "--data", str(data), "--split", "test"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("accuracy: ") and lines[-2].startswith("auc: ")
+    assert float(lines[-1].split()[1]) >= 0.75  # brightness is easy: the tiny model must get most of it
+
+
+def test_start_from_a_text_checkpoint_keeps_its_weights(tmp_path):
+    tok = Tokenizer.train(["What does this image show? class 0 class 1"] * 4, vocab_size=300)
+    config = nanoseek.get_preset("test").replace(vocab_size=tok.vocab_size)
+    text_model = nanoseek.build_model(config, seed=3)
+    nanoseek.save(text_model, tmp_path / "text", extra_files=tok.files())
+    data = fake_medmnist(tmp_path / "x.npz")
+    args = parse(["--data", str(data), "--out", str(tmp_path / "vlm"), "--init", str(tmp_path / "text"), *TINY])
+    model, tok2 = vlm.build_vlm(args, [])
+    assert tok2.image_id == tok.image_id == model.config.image_token_id
+    assert torch.equal(model.model.embed_tokens.weight, text_model.model.embed_tokens.weight)
+    assert torch.equal(model.model.layers[1].mlp.experts.down_proj, text_model.model.layers[1].mlp.experts.down_proj)
+    assert model.vision.vcfg.patch_size == 2
+    # stage 1 trains the projector and the layout tokens only
+    vlm.set_stage(model, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("vision.projector.", "vision.image_newline", "vision.view_separator")) for n in trainable)
+    vlm.set_stage(model, 2)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_auc_matches_hand_counts():
+    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True])) == 0.75
+    assert roc_auc(np.array([0.5, 0.5, 0.5]), np.array([True, False, False])) == 0.5  # ties count half
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.7, 0.2, 0.1]])
+    assert multiclass_auc(probs, np.array([0, 1, 2, 0])) == 1.0
+
+
+@pytest.mark.skipif(not BREAST.exists(), reason="needs ../shared/data/medmnist/breastmnist.npz")
+def test_real_breastmnist_loads():
+    examples, task = medmnist_examples(BREAST, "test")
+    assert len(examples) == 156 and task.name == "breastmnist"
+    assert sorted(set(ex.label for ex in examples)) == [0, 1]
