@@ -108,10 +108,9 @@ class Experts(nn.Module):
             x_TD, w_gate_up, w_down = x_TD.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
         else:
             x_TD = x_TD.to(w_gate_up.dtype)
-        if T * K <= self.n_experts:
-            y_TKD = self._gathered(x_TD, topk_idx_TK, w_gate_up, w_down)
-        else:
-            y_TKD = self._sorted(x_TD, topk_idx_TK, w_gate_up, w_down)
+        if T * K > self.n_experts:
+            return self._sorted(x_TD, topk_idx_TK, topk_weight_TK, w_gate_up, w_down)
+        y_TKD = self._gathered(x_TD, topk_idx_TK, w_gate_up, w_down)
         return (y_TKD * topk_weight_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
 
     def _gathered(self, x_TD, topk_idx_TK, w_gate_up, w_down) -> torch.Tensor:
@@ -123,12 +122,16 @@ class Experts(nn.Module):
         y_N1D = torch.bmm(F.silu(gate) * up, w_down[idx_N])
         return y_N1D.view(T, K, -1)
 
-    def _sorted(self, x_TD, topk_idx_TK, w_gate_up, w_down) -> torch.Tensor:
-        """Many tokens: sort (token, expert) pairs by expert, one grouped matmul per projection."""
+    def _sorted(self, x_TD, topk_idx_TK, topk_weight_TK, w_gate_up, w_down) -> torch.Tensor:
+        """Many tokens: sort (token, expert) pairs by expert, one grouped matmul per projection,
+        then add each weighted output back onto its token. -> (T, D)"""
         T, K = topk_idx_TK.shape
         idx_N = topk_idx_TK.reshape(-1)
         order_N = idx_N.argsort(stable=True)
-        x_sorted_ND = x_TD[order_N // K]
+        token_N = order_N // K
+        # index_select/index_add_ (gather and scatter-add, each the other's backward) rather than
+        # advanced indexing and index_copy_: 3-7x faster forward + backward on CPU
+        x_sorted_ND = x_TD.index_select(0, token_N)
         counts_E = torch.bincount(idx_N, minlength=self.n_experts)
         if _grouped_mm_supported(x_sorted_ND, w_gate_up, w_down):
             offsets_E = counts_E.cumsum(0).to(torch.int32)
@@ -144,8 +147,8 @@ class Experts(nn.Module):
                     pieces.append((F.silu(gate) * up) @ w_down[e])
                     start += count
             y_sorted_ND = torch.cat(pieces)
-        y_ND = torch.empty_like(y_sorted_ND).index_copy_(0, order_N, y_sorted_ND)
-        return y_ND.view(T, K, -1)
+        weight_N1 = topk_weight_TK.reshape(-1)[order_N].unsqueeze(-1).to(y_sorted_ND.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_N, y_sorted_ND * weight_N1)
 
 
 class MoE(nn.Module):
