@@ -9,7 +9,7 @@ hits both alike; the matmul throughput that MFU divides by is measured in the sa
 MFU = tokens/s x training FLOPs per token (3 x forward matmul FLOPs of the activated weights,
 plus causal attention) / measured 1024^3 matmul FLOP/s in that dtype.
 
-    python benchmarks/train.py [--preset tiny] [--batch 8] [--seq 256] [--steps 6]
+    python benchmarks/train.py [--preset tiny] [--batch 8] [--seq 256] [--steps 6] [--threads N]
 """
 
 import argparse
@@ -61,7 +61,10 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per implementation and dtype")
     parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import transformers
 
     config = nanoseek.get_preset(args.preset).replace(num_nextn_predict_layers=0)

@@ -162,3 +162,24 @@ def test_bf16_autocast_and_activation_checkpointing_train(shards, tmp_path):
     bf16 = make_trainer(shards, tmp_path, dtype="bf16")
     losses = [bf16.train_step()["loss"] for _ in range(12)]
     assert losses[-1] < losses[0] - 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_matches_torch(dtype):
+    import torch.nn.functional as F
+
+    from nanoseek.train.loss import IGNORE, cross_entropy_sum
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 300, 97) * 3).to(dtype).requires_grad_()  # 900 rows: chunks of 256 and a remainder
+    targets = torch.randint(0, 97, (3, 300))
+    targets[:, ::5] = IGNORE
+    ours = cross_entropy_sum(logits, targets)
+    (grad,) = torch.autograd.grad(ours * 0.5, logits)
+    ref = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref * 0.5, logits)
+    assert ours.dtype == torch.float32
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+    assert grad[:, ::5].abs().max() == 0  # ignored targets get no gradient

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -30,10 +29,10 @@ from ..model.transformer import DeepSeekModel
 from ..tokenizer import Tokenizer
 from . import balance
 from .checkpoint import load_checkpoint, save_checkpoint
+from .loss import IGNORE, cross_entropy_sum
 from .metrics import MetricsLog, measure_matmul_flops, plot_run, train_flops_per_token
 from .optim import build_optimizer, lr_at
 
-IGNORE = -100
 
 
 @dataclass
@@ -75,11 +74,6 @@ class Loader(Protocol):
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token loss over targets that are not IGNORE, in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def enable_activation_checkpointing(model: DeepSeekModel) -> None:
