@@ -340,10 +340,12 @@ PRESETS: dict[str, ModelConfig] = {
         qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
         n_group=4, topk_group=2, max_position_embeddings=512, num_nextn_predict_layers=1,
     ),
-    # The README's main job: a ~20M-parameter DeepSeek-V3-architecture model trained on 2 CPU cores.
+    # The README's main job: a 10M-parameter (6.6M activated) DeepSeek-V3-architecture model with one
+    # MTP module, sized to learn Python's standard library in ~10 minutes on 2 CPU cores. The dense
+    # layer is as wide as the experts a token activates (4 routed + 1 shared), as in DeepSeek-V3 (9 x 2048).
     "small": ModelConfig(
-        vocab_size=8192, hidden_size=320, intermediate_size=1024, moe_intermediate_size=160, num_hidden_layers=6,
-        first_k_dense_replace=1, num_attention_heads=5, q_lora_rank=160, kv_lora_rank=96, qk_nope_head_dim=32,
+        vocab_size=8192, hidden_size=256, intermediate_size=640, moe_intermediate_size=128, num_hidden_layers=4,
+        first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
         qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
         n_group=4, topk_group=2, max_position_embeddings=4096, num_nextn_predict_layers=1,
     ),
