@@ -2,6 +2,8 @@
 
     image = load_image("scan.png")                 # a path, bytes, a data URL or base64 text
     inputs = preprocess(image, VisionConfig(...))  # -> ImageInput: global view (+ tiles), normalised
+    ids, images = chat_prompt(tok, messages, model.config)   # OpenAI-style messages with image parts
+    embeds = model.embed_multimodal(torch.tensor([ids]), images)  # -> inputs_embeds for the model
 
 Preprocessing follows DeepSeek-VL2: the global view is the whole image resized to fit the square
 base size and padded with the mean colour; with dynamic tiling (max_tiles > 1) an image larger
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .model.vision import ImageInput, VisionConfig, candidate_resolutions, select_best_resolution
+from .model.vision import ImageInput, VisionConfig, candidate_resolutions, expand_image_tokens, select_best_resolution
 
 # Formats with well-kept decoders that images on the web and in medical datasets come in.
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -186,3 +188,44 @@ def preprocess(image, vcfg: VisionConfig) -> ImageInput:
         views += [big.crop((c * S, r * S, (c + 1) * S, (r + 1) * S)) for r in range(rows) for c in range(cols)]
         tiles = (rows, cols)
     return ImageInput(normalize(views, vcfg), tiles)
+
+
+# ---- prompts with images ---------------------------------------------------------------------------
+def message_images(messages: list[dict]) -> list:
+    """The image sources of OpenAI-style messages, in order: `image_url` parts (data URLs, as the
+    chat completions API sends them) and `image` parts (a path, bytes or PIL image, for Python callers)."""
+    sources = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                sources.append(decode_data_url(url))
+            elif kind == "image":
+                sources.append(part.get("image"))
+    return sources
+
+
+def chat_prompt(tokenizer, messages: list[dict], config, *, add_generation_prompt: bool = True) -> tuple[list[int], list[ImageInput]]:
+    """Chat messages with image parts -> (prompt ids with each image's run of image_token_id, the images).
+
+    `config` is the model's ModelConfig; a model without a vision_config refuses images. The ids and
+    images go to `model.embed_multimodal` (or any engine that takes inputs_embeds for a prompt).
+    """
+    sources = message_images(messages)
+    ids = tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+    if not sources:
+        return ids, []
+    if config.vision_config is None:
+        raise ImageError("this model has no vision encoder, so it does not take images")
+    if tokenizer.image_id is None or tokenizer.image_id != config.image_token_id:
+        raise ImageError(f"the tokenizer's <image> id ({tokenizer.image_id}) is not the model's image_token_id "
+                         f"({config.image_token_id})")
+    marks = ids.count(config.image_token_id)
+    if marks != len(sources):  # e.g. a literal "<image>" typed into the text
+        raise ImageError(f"the prompt holds {marks} <image> mark(s) but {len(sources)} image(s) were given")
+    vcfg = VisionConfig.from_dict(config.vision_config)
+    images = [preprocess(source, vcfg) for source in sources]
+    return expand_image_tokens(ids, config.image_token_id, images, vcfg), images

@@ -137,3 +137,34 @@ def test_bad_images_are_refused_with_clear_errors(tmp_path):
         load_image(str(tmp_path / "missing.png"))
     with pytest.raises(ImageError, match="cannot read an image from a int"):
         load_image(3)
+
+
+def test_chat_prompt_puts_each_image_run_where_its_part_was():
+    import nanoseek
+    from nanoseek.image import chat_prompt
+    from nanoseek.model.vision import image_token_count
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["What is in this picture? Compare them."] * 4, vocab_size=300)
+    vision = {**VCFG.to_dict(), "max_tiles": 1}
+    config = nanoseek.get_preset("test").replace(vocab_size=tok.vocab_size, vision_config=vision,
+                                                 image_token_id=tok.image_id)
+    url = "data:image/png;base64," + base64.b64encode(encode(Image.fromarray(gray()))).decode()
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "and"}, {"type": "image", "image": Image.fromarray(gray(seed=1))}]}]
+    ids, images = chat_prompt(tok, messages, config)
+    n = image_token_count(VisionConfig(**vision))
+    assert len(images) == 2 and ids.count(tok.image_id) == 2 * n
+    first = ids.index(tok.image_id)
+    assert ids[first : first + n] == [tok.image_id] * n and ids[first + n] != tok.image_id
+    assert ids[-1] == tok.assistant_id
+    second = ids.index(tok.image_id, first + n)
+    assert tok.decode(ids[first + n : second]) == "and"  # the text between the two parts
+    with pytest.raises(ImageError, match="no vision encoder"):
+        chat_prompt(tok, messages, nanoseek.get_preset("test").replace(vocab_size=tok.vocab_size))
+    typed = [{"role": "user", "content": [{"type": "text", "text": "<image>"}, {"type": "image_url", "image_url": {"url": url}}]}]
+    with pytest.raises(ImageError, match=r"2 <image> mark\(s\) but 1 image"):
+        chat_prompt(tok, typed, config)
+    text_only = [{"role": "user", "content": "hi"}]
+    assert chat_prompt(tok, text_only, config) == (tok.encode_chat(text_only), [])
