@@ -23,6 +23,7 @@ import asyncio
 import json
 import secrets
 import sys
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -52,9 +53,11 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
     engine = generator.engine
     metrics = Metrics()
     created = int(time.time())
+    inbox = _Inbox()
 
     @asynccontextmanager
     async def lifespan(app):
+        inbox.loop = asyncio.get_running_loop()
         engine.start()
         yield
         engine.stop(timeout=10)
@@ -149,7 +152,7 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
         if engine.stats()["waiting"] + len(prompts) > max_queue:
             raise APIError(429, f"the server is busy: more than {max_queue} requests are waiting; retry later",
                            type="rate_limit_error", code="queue_full")
-        return _Batch(generator, metrics, [
+        return _Batch(generator, metrics, inbox, [
             dict(prompt_ids=p, params=sampling(body, i), max_tokens=m, stop=body.stop_strings, ignore_eos=body.ignore_eos)
             for i, (p, m) in enumerate(zip(prompts, max_tokens))])
 
@@ -221,14 +224,18 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
 
         if chat:
             yield chunk([choice(i, None, None, first=True) for i in range(len(batch.generations))])
-        async for index, delta, event in batch.events():
-            if event.finished and event.finish_reason == "error":
-                yield "data: " + json.dumps(APIError(500, "generation failed", type="server_error").body()) + "\n\n"
-                continue
-            if delta:
-                yield chunk([choice(index, delta, None)])
-            if event.finished:
-                yield chunk([choice(index, None, event.finish_reason)])
+        async for update in batch.updates():
+            out = []
+            for index, (delta, event) in update.items():
+                if event.finished and event.finish_reason == "error":
+                    out.append("data: " + json.dumps(APIError(500, "generation failed", type="server_error").body()) + "\n\n")
+                    continue
+                if delta:
+                    out.append(chunk([choice(index, delta, None)]))
+                if event.finished:
+                    out.append(chunk([choice(index, None, event.finish_reason)]))
+            if out:
+                yield "".join(out)
         if include_usage:
             yield chunk([], usage=batch.usage())
         yield "data: [DONE]\n\n"
@@ -257,19 +264,41 @@ class _EventStream(StreamingResponse):
             self.batch.cancel(disconnected=True)
 
 
+class _Inbox:
+    """Hands calls from the engine thread to the event loop, waking the loop once per burst: a step
+    delivers one event per running request, and each call_soon_threadsafe is a syscall."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None  # set when the app starts
+        self._calls: list = []
+        self._lock = threading.Lock()
+
+    def put(self, fn, *args) -> None:
+        with self._lock:
+            self._calls.append((fn, args))
+            if len(self._calls) > 1:  # a wake-up is already on its way
+                return
+        self.loop.call_soon_threadsafe(self._run)
+
+    def _run(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for fn, args in calls:
+            fn(*args)
+
+
 class _Batch:
     """The engine requests of one HTTP request, seen from the event loop."""
 
-    def __init__(self, generator: TextGenerator, metrics: Metrics, jobs: list[dict]):
+    def __init__(self, generator: TextGenerator, metrics: Metrics, inbox: "_Inbox", jobs: list[dict]):
         self.metrics = metrics
         self.engine = generator.engine
         self.queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
         self.generations = []
         self._open = len(jobs)
         for index, job in enumerate(jobs):
             def on_text(delta, event, index=index):  # engine thread -> event loop
-                loop.call_soon_threadsafe(self._arrived, index, delta, event)
+                inbox.put(self._arrived, index, delta, event)
             try:
                 self.generations.append(generator.submit(**job, on_text=on_text))
             except ValueError as e:  # the engine refused it: take back the ones already queued
@@ -287,6 +316,19 @@ class _Batch:
             index, delta, event = await self.queue.get()
             self._open -= event.finished
             yield index, delta, event
+
+    async def updates(self):
+        """Like events, but all that has landed at once: per generation, the text since the last
+        update and the last event. A client that falls behind gets fewer, larger chunks."""
+        while self._open:
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            merged: dict[int, tuple[str, object]] = {}
+            for index, delta, event in items:
+                self._open -= event.finished
+                merged[index] = (merged.get(index, ("", None))[0] + delta, event)
+            yield merged
 
     async def collect(self) -> list[str]:
         texts = [""] * len(self.generations)
