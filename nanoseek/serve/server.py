@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..image import ImageError, chat_prompt
 from ..inference.sampling import SamplingParams
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
@@ -161,16 +162,19 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
         check_key(request)
         body = parse(ChatCompletionRequest, await request.body())
         check_model(body.model)
-        if any(m.images for m in body.messages):
-            if not accepts_images:
-                raise APIError(400, f"the model {model_name!r} has no vision encoder, so it does not take images; "
-                                    "send text content only", param="messages", code="images_not_supported")
-            raise APIError(400, "images are not supported by the serving engine yet (it takes token ids only)",
-                           param="messages", code="images_not_supported")
+        if any(m.images for m in body.messages) and not accepts_images:
+            raise APIError(400, f"the model {model_name!r} has no vision encoder, so it does not take images; "
+                                "send text content only", param="messages", code="images_not_supported")
         try:
-            prompt_ids = generator.tokenizer.encode_chat([m.as_template_message() for m in body.messages])
+            prompt_ids, images = chat_prompt(generator.tokenizer, [m.as_template_message() for m in body.messages],
+                                             engine.config)
+        except ImageError as e:
+            raise APIError(400, f"messages: {e}", param="messages", code="invalid_image") from None
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
+        if images:  # decoded and checked, but Engine.submit takes token ids only so far
+            raise APIError(400, "this model takes images, but the serving engine cannot pass them to it yet",
+                           param="messages", code="images_not_supported")
         batch = submit(body, [prompt_ids], "messages")
         return await respond(request, body, batch, chat=True)
 
