@@ -66,7 +66,7 @@ def test_sft_command_fine_tunes_a_checkpoint(tok, tmp_path):
     sft.add_arguments(parser)
     args = parser.parse_args(["--init", str(tmp_path / "base"), "--data", str(tmp_path / "chats.jsonl"), "--out",
                               str(tmp_path / "sft"), "--steps", "30", "--batch-size", "8", "--seq-len", "64",
-                              "--lr", "3e-3", "--warmup-steps", "3", "--eval-every", "30", "--log-every", "1"])
+                              "--lr", "3e-3", "--warmup-steps", "3", "--dtype", "fp32", "--eval-every", "30", "--log-every", "1"])
     assert sft.run(args) == 0
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows]

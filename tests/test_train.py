@@ -41,7 +41,7 @@ def make_trainer(shards, tmp_path, **overrides):
     tok, data = shards
     config = nanoseek.get_preset("test").replace(vocab_size=tok.vocab_size)
     settings = Settings(**{"batch_size": 8, "seq_len": 64, "steps": 20, "lr": 3e-3, "warmup_steps": 3, "log_every": 1,
-                           "eval_every": 0, **overrides})
+                           "eval_every": 0, "dtype": "fp32", **overrides})
     loader = PackedLoader(TokenStream(data, "train"), settings.batch_size, settings.seq_len, seed=0)
     val = val_batches(TokenStream(data, "val"), settings.batch_size, settings.seq_len, 2)
     return Trainer(nanoseek.build_model(config, seed=0), settings, tok, loader, val, tmp_path)

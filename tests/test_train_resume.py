@@ -21,7 +21,7 @@ def train_command(corpus, out, *extra):
     return [sys.executable, "-m", "nanoseek.cli", "train", "--corpus", str(corpus), "--out", str(out), "--preset", "test",
             "--vocab-size", "300", "--steps", str(STEPS), "--save-every", str(SAVE), "--log-every", "1",
             "--eval-every", "0", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "3", "--max-new-tokens", "2",
-            "--threads", "1", *extra]
+            "--threads", "1", "--dtype", "fp32", *extra]
 
 
 def losses(run_dir):

@@ -28,6 +28,7 @@ from ..model.params import count_parameters, human
 from ..model.transformer import build_model
 from ..tokenizer import Tokenizer, sample_texts
 from .checkpoint import USER_ERRORS, read_state, resolve_resume
+from .metrics import pick_dtype
 from .trainer import Settings, Trainer
 
 CODE_PROMPTS = ["import os\n\ndef ", "class Stack:\n    def __init__(self", "    for i in range(", "def fibonacci(n):\n"]
@@ -40,7 +41,7 @@ SETTING_HELP = {
     "mtp_lambda": "weight of the MTP loss",
     "bias_gamma": "router-bias update speed (auxiliary-loss-free balancing); 0 = off",
     "balance_alpha": "weight of the sequence-wise balance loss; 0 = off",
-    "dtype": "fp32 | bf16 (autocast; weights and optimizer stay fp32)",
+    "dtype": "fp32 | bf16 (autocast; weights and optimizer stay fp32) | auto (bf16 where its matmuls are faster)",
     "activation_checkpointing": "recompute activations in backward to save memory",
     "save_every": "checkpoint every N steps (and always at the end)",
     "keep": "checkpoints to keep",
@@ -75,9 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--prompt", action="append", default=None, help="prompt to complete at the end (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature of the completions (0: greedy)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly (its settings are used)")
-    add_settings_arguments(parser, Settings(minutes=10.0))
+    # defaults: the main job, ~10 minutes in all on 2 cores (data preparation and completions included)
+    # (small batches: in a budget of a few million tokens, more updates beat larger ones)
+    add_settings_arguments(parser, Settings(minutes=9.0, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=30,
+                                            eval_every=100, eval_batches=20, save_every=200))
 
 
 def model_config(args, vocab_size: int, tok: Tokenizer) -> ModelConfig:
@@ -171,6 +176,7 @@ def _run(args) -> int:
     else:
         corpus = args.corpus
         settings = settings_from_args(args)
+        settings.dtype = pick_dtype(settings.dtype)
         if settings.steps is not None:
             settings.minutes = None
         run_dir = Path(args.out or f"runs/{Path(str(resolve_corpus(args.corpus))).stem if args.corpus != 'stdlib' else 'stdlib'}")
@@ -197,7 +203,7 @@ def _run(args) -> int:
              if "val_mtp_agree" in result else ""))
     prompts = args.prompt or (CODE_PROMPTS if corpus == "stdlib" else [tok.decode(val_stream.read(1, 8).tolist())])
     for prompt in prompts:
-        text = complete(model, tok, prompt, args.max_new_tokens)
+        text = complete(model, tok, prompt, args.max_new_tokens, temperature=args.temperature)
         print(f"\n--- {prompt!r}\n{text}")
     latest = (run_dir / "latest").resolve()
     print(f"\ncheckpoint: {latest}  (load with nanoseek.load('{run_dir / 'latest'}'))")

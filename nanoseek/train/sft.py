@@ -25,6 +25,7 @@ from ..checkpoint import load as load_model
 from ..tokenizer import Tokenizer, TokenizerError
 from .checkpoint import USER_ERRORS, read_state, resolve_resume
 from .pretrain import add_settings_arguments, settings_from_args
+from .metrics import pick_dtype
 from .trainer import IGNORE, Settings, Trainer
 
 
@@ -148,6 +149,7 @@ def _run(args) -> int:
         if not args.init or not args.data:
             raise SystemExit("nanoseek sft needs --init CHECKPOINT and --data CHATS.jsonl (or --resume RUN)")
         settings = settings_from_args(args)
+        settings.dtype = pick_dtype(settings.dtype)
         init, data, run_dir, val_fraction = Path(args.init), args.data, Path(args.out), args.val_fraction
     tok = Tokenizer.load(init)
     model = load_model(init, dtype=torch.float32)

@@ -1,0 +1,93 @@
+"""MoE against a dense model with the same activated parameters, in the same wall-clock budget.
+
+Both models are trained by `nanoseek train` with identical settings; the dense one is the same
+config with n_routed_experts=0, which turns every layer into a SwiGLU of intermediate_size, and
+intermediate_size is set to the width a token activates in an MoE layer ((top-k + shared) x
+moe_intermediate_size), so both spend the same matmul FLOPs per token. The two runs go side by
+side, one thread each, so machine load hits both alike. Prints steps, tokens, speed and validation
+loss of each, and writes one PNG with both validation curves against wall-clock time.
+
+    python benchmarks/train_quality.py --corpus ../shared/data/text/tinyshakespeare.txt --minutes 5
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import nanoseek
+
+
+def read_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default="../shared/data/text/tinyshakespeare.txt")
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--out", default=None, help="folder for both runs and the plot (default: a temp folder)")
+    parser.add_argument("--train-args", default="--batch-size 8 --seq-len 256 --eval-every 50 --eval-batches 20 --lr 2e-3",
+                        help="extra `nanoseek train` arguments, the same for both runs")
+    args = parser.parse_args()
+    if not Path(args.corpus).exists():
+        sys.exit(f"corpus {args.corpus} not found")
+    config = nanoseek.get_preset(args.preset)
+    active_width = (config.num_experts_per_tok + config.n_shared_experts) * config.moe_intermediate_size
+    out = Path(args.out or tempfile.mkdtemp(prefix="moe-vs-dense-"))
+    common = [sys.executable, "-m", "nanoseek.cli", "train", "--corpus", args.corpus, "--preset", args.preset,
+              "--vocab-size", str(args.vocab_size), "--minutes", str(args.minutes), "--threads", "1",
+              "--save-every", "0", "--max-new-tokens", "40", "--set", f"intermediate_size={active_width}",
+              *args.train_args.split()]
+    runs = {"moe": [], "dense": ["--set", "n_routed_experts=0"]}
+    procs = {}
+    for name, extra in runs.items():
+        log = open(out / f"{name}.log", "w")
+        procs[name] = subprocess.Popen(common + ["--out", str(out / name)] + extra, stdout=log, stderr=subprocess.STDOUT)
+    for name, proc in procs.items():
+        if proc.wait():
+            sys.exit(f"{name} run failed; see {out / name}.log")
+
+    print(f"{args.corpus}, preset {args.preset} (intermediate_size {active_width}), {args.minutes} min each, "
+          f"side by side on one thread each; runs in {out}")
+    print(f"{'model':>6} {'params':>8} {'activated':>9} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'val loss':>9} {'best val':>9}")
+    curves = {}
+    for name in runs:
+        cfg = nanoseek.load(out / name / "latest").config
+        counts = nanoseek.model.params.count_parameters(cfg)
+        rows = read_rows(out / name)
+        val = [(r["elapsed"], r["val_loss"]) for r in rows if "val_loss" in r and "elapsed" in r]
+        curves[name] = val
+        speed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+        steps = rows[-1]["step"]
+        state = json.loads((out / name / "latest" / "trainer_state.json").read_text())
+        tokens = steps * state["settings"]["batch_size"] * state["settings"]["seq_len"]
+        print(f"{name:>6} {counts['total'] / 1e6:7.2f}M {counts['activated'] / 1e6:8.2f}M {steps:6d} {tokens:9,d} "
+              f"{sum(speed) / len(speed):7.0f} {val[-1][1]:9.3f} {min(v for _, v in val):9.3f}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, points in curves.items():
+            ax.plot([t / 60 for t, _ in points], [v for _, v in points], marker="o", markersize=3, label=name)
+        ax.set_xlabel("wall-clock minutes")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(f"MoE vs dense, same activated parameters: {Path(args.corpus).name}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "moe_vs_dense.png", dpi=110)
+        print(f"plot: {out / 'moe_vs_dense.png'}; per-run plots: {out}/moe/train_plot.png, {out}/dense/train_plot.png")
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
