@@ -6,11 +6,10 @@ Prints, per dtype (fp32, and bf16 where the CPU has native bf16 matmuls):
   with the throughput of a 1024^3 matmul measured in this run;
 - one MoE layer against a dense SwiGLU with the same activated FLOPs.
 
-    python benchmarks/forward.py [--preset tiny] [--repeat 5]
+    python benchmarks/forward.py [--preset tiny] [--repeat 5] [--threads 1 --clock cpu]
 """
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -19,17 +18,22 @@ import torch
 import nanoseek
 from nanoseek.model.layers import MLP
 from nanoseek.model.params import count_parameters
+from nanoseek.runtime import tune_allocator
+
+
+CLOCK = time.perf_counter
 
 
 def timed(fn, repeat: int) -> float:
-    """Median seconds of fn() over `repeat` runs, after one warm-up."""
+    """Fastest of `repeat` runs after one warm-up, in seconds: on a shared machine the minimum is the
+    figure least disturbed by other processes."""
     fn()
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times.append(CLOCK() - start)
+    return min(times)
 
 
 def matmul_flops(dtype: torch.dtype, repeat: int) -> float:
@@ -50,7 +54,12 @@ def main():
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU time, which other processes barely disturb (use with --threads 1)")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    tune_allocator()  # applies to both implementations: they share this process
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers

@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+from .runtime import tune_allocator
+
 # name -> (module, one-line help)
 COMMANDS = {
     "params": ("nanoseek.model.params_cli", "parameter counts of a preset or checkpoint, by part"),
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"nanoseek {name} needs the package {e.name!r}: pip install 'nanoseek[{_extra(name)}]'", file=sys.stderr)
         return 2
+    tune_allocator()
     command_parser = argparse.ArgumentParser(prog=f"nanoseek {name}", description=help_text)
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
