@@ -100,7 +100,9 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, D, 2 * I))  # [gate | up], x @ W layout
         self.down_proj = nn.Parameter(torch.empty(E, I, D))
 
-    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                gathered: bool | None = None) -> torch.Tensor:
+        """gathered: None picks the path by size; True forces the gathered one (compiled decode: no host sync)."""
         T, K = topk_idx_TK.shape
         w_gate_up, w_down = self.gate_up_proj, self.down_proj
         if torch.is_autocast_enabled(x_TD.device.type):
@@ -108,7 +110,7 @@ class Experts(nn.Module):
             x_TD, w_gate_up, w_down = x_TD.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
         else:
             x_TD = x_TD.to(w_gate_up.dtype)
-        if T * K > self.n_experts:
+        if not (T * K <= self.n_experts if gathered is None else gathered):
             return self._sorted(x_TD, topk_idx_TK, topk_weight_TK, w_gate_up, w_down)
         y_TKD = self._gathered(x_TD, topk_idx_TK, w_gate_up, w_down)
         return (y_TKD * topk_weight_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
