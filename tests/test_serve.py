@@ -209,7 +209,7 @@ def test_a_client_that_drops_frees_its_slot(server):
     assert after["nanoseek_generation_tokens_total"] - before["nanoseek_generation_tokens_total"] < 4000
     # the same for a client that gives up waiting on a non-streamed answer
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(0.5, connect=10))
     after = wait_for(server, lambda m: m["nanoseek_running_requests"] == 0 and m.get(key, 0) >= 2)
     assert after["nanoseek_running_requests"] == 0 and after[key] == 2
 
@@ -262,13 +262,13 @@ def test_chat_page_streams_an_answer_in_chromium(server, client):
             page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
                 .observe(document.querySelector('.msg.assistant'), {childList: true, characterData: true, subtree: true}); }""")
             page.wait_for_function("document.getElementById('send').textContent === 'Send'", timeout=30_000)
-            answer, stats = page.inner_text(".msg.assistant"), page.inner_text("#stats")
+            answer, stats = page.text_content(".msg.assistant"), page.text_content("#stats")
             updates = page.evaluate("window.updates")
         finally:
             browser.close()
     expected = client.chat.completions.create(model="tiny-chat", max_tokens=48, temperature=0,
                                               messages=[{"role": "user", "content": "Hello, who are you?"}])
-    assert answer == expected.choices[0].message.content.strip() or answer == expected.choices[0].message.content
+    assert answer == expected.choices[0].message.content
     assert updates > 1, "the answer appeared at once, not streamed"
     tokens, rate = re.match(r"(\d+) tokens · ([\d.]+) tokens/s", stats).groups()
     assert int(tokens) == expected.usage.completion_tokens and float(rate) > 0
