@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..inference.engine import Engine, Event, Request
+from ..inference.engine import ATTEND_BLOCK, Engine, Event, Request
 from ..inference.sampling import SamplingParams
 from ..tokenizer import Tokenizer
 
@@ -129,7 +129,16 @@ def load_generator(path, *, dtype: str | None = None, max_batch_size: int = 8, m
                          f"{model.config.vocab_size}: they do not belong together")
     engine = Engine(model, max_batch_size=max_batch_size, max_cached_tokens=max_cached_tokens,
                     max_seq_len=max_seq_len, speculative=speculative, compile=compile)
-    # one short request first, so the first user does not pay for warming up (or compiling)
-    engine.submit(tokenizer.encode("Hello", bos=True), max_new_tokens=2)
+    # warm up before the first client: one request; when compiling, also batches of two, greedy and
+    # sampled, running past an attention block, so the compiled step has met a batch size > 1, a
+    # growing attended length and both sampling paths (each new one costs a compile, tens of seconds)
+    ids = tokenizer.encode("Hello", bos=True)
+    engine.submit(ids, max_new_tokens=2)
     engine.run_until_done()
+    if compile:
+        n = min(ATTEND_BLOCK + 2, engine.max_seq_len - len(ids))
+        for params in (SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9, seed=0)):
+            for _ in range(2):
+                engine.submit(ids, params, max_new_tokens=n, stop_token_ids=[])
+            engine.run_until_done()
     return TextGenerator(engine, tokenizer)
