@@ -4,7 +4,8 @@ One step = forward, next-token cross-entropy, backward, gradient clipping, AdamW
 config, weights, batch and dtype (fp32, and bf16 autocast with fp32 master weights). nanoseek's
 step is its real trainer step (`Trainer.train_step`, router-bias update included) without the MTP
 and balance losses, which transformers does not have. Steps of the two alternate, so machine load
-hits both alike; the matmul throughput that MFU divides by is measured in the same run.
+hits both alike; the matmul throughput that MFU divides by is measured between them, in the same
+rounds (median of 1024^3 products), so all three see the same load.
 
 MFU = tokens/s x training FLOPs per token (3 x forward matmul FLOPs of the activated weights,
 plus causal attention) / measured 1024^3 matmul FLOP/s in that dtype.
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek
-from nanoseek.train.metrics import measure_matmul_flops, train_flops_per_token
+from nanoseek.train.metrics import train_flops_per_token
 from nanoseek.train.trainer import Settings, Trainer
 
 
@@ -86,13 +87,22 @@ def main():
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name == "bf16")
             steps = {"nanoseek": trainer.train_step, "transformers": lambda: hf_step(hf, hf_optimizer, hf_loader, autocast)}
             times = {name: [] for name in steps}
+            torch_dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+            a, b = torch.randn(1024, 1024).to(torch_dtype), torch.randn(1024, 1024).to(torch_dtype)
+            peaks = []
             for round_ in range(args.steps + 1):  # round 0 warms up
                 for name, step in steps.items():
                     start = time.perf_counter()
                     step()
                     if round_:
                         times[name].append(time.perf_counter() - start)
-            peak = measure_matmul_flops(torch.bfloat16 if dtype_name == "bf16" else torch.float32, seconds=1.0)
+                # the matmul probe runs between the steps, under the same machine load
+                start = time.perf_counter()
+                for _ in range(4):
+                    a @ b
+                if round_:
+                    peaks.append(4 * 2 * 1024**3 / (time.perf_counter() - start))
+            peak = statistics.median(peaks)
             print(f"\n{dtype_name}: matmul 1024^3 reaches {peak / 1e9:.0f} GFLOP/s")
             print(f"{'impl':>13} {'ms/step':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6}")
             for name, ts in times.items():

@@ -1,4 +1,8 @@
-"""MoE against a dense model with the same activated parameters, in the same wall-clock budget.
+"""Training-quality comparisons, each as two `nanoseek train` runs side by side (one thread each, so
+machine load hits both alike).
+
+--mode moe-vs-dense (default): MoE against a dense model with the same activated parameters, in the
+same wall-clock budget.
 
 Both models are trained by `nanoseek train` with identical settings; the dense one is the same
 config with n_routed_experts=0, which turns every layer into a SwiGLU of intermediate_size, and
@@ -7,7 +11,11 @@ moe_intermediate_size), so both spend the same matmul FLOPs per token. The two r
 side, one thread each, so machine load hits both alike. Prints steps, tokens, speed and validation
 loss of each, and writes one PNG with both validation curves against wall-clock time.
 
+--mode bf16-vs-fp32: the same model trained for the same number of steps under bf16 autocast and in
+fp32, to see what bf16 does to the loss curve (and how much faster it gets there).
+
     python benchmarks/train_quality.py --corpus ../shared/data/text/tinyshakespeare.txt --minutes 5
+    python benchmarks/train_quality.py --mode bf16-vs-fp32 --steps 200
 """
 
 import argparse
@@ -27,7 +35,9 @@ def read_rows(run: Path) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default="../shared/data/text/tinyshakespeare.txt")
-    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--mode", choices=["moe-vs-dense", "bf16-vs-fp32"], default="moe-vs-dense")
+    parser.add_argument("--minutes", type=float, default=5.0, help="moe-vs-dense: the wall-clock budget of each run")
+    parser.add_argument("--steps", type=int, default=200, help="bf16-vs-fp32: the steps of each run")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--out", default=None, help="folder for both runs and the plot (default: a temp folder)")
@@ -40,10 +50,14 @@ def main():
     active_width = (config.num_experts_per_tok + config.n_shared_experts) * config.moe_intermediate_size
     out = Path(args.out or tempfile.mkdtemp(prefix="moe-vs-dense-"))
     common = [sys.executable, "-m", "nanoseek.cli", "train", "--corpus", args.corpus, "--preset", args.preset,
-              "--vocab-size", str(args.vocab_size), "--minutes", str(args.minutes), "--threads", "1",
-              "--save-every", "0", "--max-new-tokens", "40", "--set", f"intermediate_size={active_width}",
-              *args.train_args.split()]
-    runs = {"moe": [], "dense": ["--set", "n_routed_experts=0"]}
+              "--vocab-size", str(args.vocab_size), "--threads", "1", "--save-every", "0", "--max-new-tokens", "40",
+              "--set", f"intermediate_size={active_width}", *args.train_args.split()]
+    if args.mode == "moe-vs-dense":
+        common += ["--minutes", str(args.minutes), "--dtype", "auto"]
+        runs = {"moe": [], "dense": ["--set", "n_routed_experts=0"]}
+    else:
+        common += ["--steps", str(args.steps), "--log-every", "1"]
+        runs = {"bf16": ["--dtype", "bf16"], "fp32": ["--dtype", "fp32"]}
     procs = {}
     for name, extra in runs.items():
         log = open(out / f"{name}.log", "w")
@@ -52,7 +66,8 @@ def main():
         if proc.wait():
             sys.exit(f"{name} run failed; see {out / name}.log")
 
-    print(f"{args.corpus}, preset {args.preset} (intermediate_size {active_width}), {args.minutes} min each, "
+    budget = f"{args.minutes} min" if args.mode == "moe-vs-dense" else f"{args.steps} steps"
+    print(f"{args.corpus}, preset {args.preset} (intermediate_size {active_width}), {budget} each, "
           f"side by side on one thread each; runs in {out}")
     print(f"{'model':>6} {'params':>8} {'activated':>9} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'val loss':>9} {'best val':>9}")
     curves = {}
@@ -61,13 +76,18 @@ def main():
         counts = nanoseek.model.params.count_parameters(cfg)
         rows = read_rows(out / name)
         val = [(r["elapsed"], r["val_loss"]) for r in rows if "val_loss" in r and "elapsed" in r]
-        curves[name] = val
+        curves[name] = val if args.mode == "moe-vs-dense" else [(r["step"], r["loss"]) for r in rows]
         speed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
         steps = rows[-1]["step"]
         state = json.loads((out / name / "latest" / "trainer_state.json").read_text())
-        tokens = steps * state["settings"]["batch_size"] * state["settings"]["seq_len"]
+        tokens = steps * state["settings"]["batch_size"] * state["settings"]["seq_len"] * state["settings"]["grad_accum"]
         print(f"{name:>6} {counts['total'] / 1e6:7.2f}M {counts['activated'] / 1e6:8.2f}M {steps:6d} {tokens:9,d} "
               f"{sum(speed) / len(speed):7.0f} {val[-1][1]:9.3f} {min(v for _, v in val):9.3f}")
+    if args.mode == "bf16-vs-fp32":
+        a, b = (dict(curves[n]) for n in runs)
+        gaps = [a[k] - b[k] for k in sorted(a.keys() & b.keys())]
+        print(f"train loss bf16 - fp32 per step: mean {sum(gaps) / len(gaps):+.4f}, largest |gap| "
+              f"{max(abs(g) for g in gaps):.4f}, over the last 20 steps {sum(gaps[-20:]) / 20:+.4f}")
     try:
         import matplotlib
 
@@ -75,16 +95,20 @@ def main():
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        moe_mode = args.mode == "moe-vs-dense"
         for name, points in curves.items():
-            ax.plot([t / 60 for t, _ in points], [v for _, v in points], marker="o", markersize=3, label=name)
-        ax.set_xlabel("wall-clock minutes")
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.set_title(f"MoE vs dense, same activated parameters: {Path(args.corpus).name}")
+            xs = [t / 60 for t, _ in points] if moe_mode else [step for step, _ in points]
+            ax.plot(xs, [v for _, v in points], marker="o" if moe_mode else None, markersize=3, label=name)
+        ax.set_xlabel("wall-clock minutes" if moe_mode else "step")
+        ax.set_ylabel("validation loss (nats/token)" if moe_mode else "training loss (nats/token)")
+        ax.set_title(("MoE vs dense, same activated parameters: " if moe_mode else "bf16 autocast vs fp32: ")
+                     + Path(args.corpus).name)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "moe_vs_dense.png", dpi=110)
-        print(f"plot: {out / 'moe_vs_dense.png'}; per-run plots: {out}/moe/train_plot.png, {out}/dense/train_plot.png")
+        png = out / f"{args.mode}.png"
+        fig.savefig(png, dpi=110)
+        print(f"plot: {png}; per-run plots: " + ", ".join(f"{out / n / 'train_plot.png'}" for n in runs))
     except ImportError:
         pass
 

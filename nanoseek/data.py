@@ -294,11 +294,15 @@ class PackedLoader:
 
 
 def val_batches(stream: TokenStream, batch_size: int, seq_len: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed set of validation batches: consecutive windows from the start of the split."""
-    n_windows = min((len(stream) - 1) // seq_len, batch_size * max_batches)
+    """A fixed set of validation batches: windows spread evenly over the whole split, so the loss
+    speaks for all of it rather than for its first few documents."""
+    available = (len(stream) - 1) // seq_len
+    n_windows = min(available, batch_size * max_batches)
     if n_windows < 1:
         raise DataError(f"the val split has {len(stream)} tokens, fewer than one window of {seq_len + 1}")
-    rows = [stream.read(i * seq_len, seq_len + 1) for i in range(n_windows)]
+    last_start = len(stream) - 1 - seq_len
+    starts = [round(i * last_start / max(1, n_windows - 1)) for i in range(n_windows)]
+    rows = [stream.read(start, seq_len + 1) for start in starts]
     batches = []
     for i in range(0, n_windows, batch_size):
         batch = torch.from_numpy(np.stack(rows[i : i + batch_size]))

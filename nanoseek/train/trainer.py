@@ -34,7 +34,6 @@ from .metrics import MetricsLog, measure_matmul_flops, pick_dtype, plot_run, tra
 from .optim import build_optimizer, lr_at
 
 
-
 @dataclass
 class Settings:
     """Every knob of a run; saved in checkpoints, so `--resume` needs nothing else."""
@@ -107,7 +106,7 @@ class Trainer:
 
     @property
     def autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.s.dtype == "bf16")
+        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.s.dtype == "bf16")
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -248,6 +247,7 @@ class Trainer:
                 best = self.history.get("best_val_loss")
                 self.history["best_val_loss"] = last_val["val_loss"] if best is None else min(best, last_val["val_loss"])
             if len(row) > 2 or s.log_every == 1:
+                row.setdefault("elapsed", self.elapsed_now())
                 log.log(row)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in [("loss", stats["loss"]), ("val", last_val.get("val_loss")),
