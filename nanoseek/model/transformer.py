@@ -75,7 +75,7 @@ class DeepSeekModel(nn.Module):
                 module.down_proj.normal_(0.0, std, generator=generator)
         self.rotary.reset_buffers()
         if self.vision is not None:
-            self.vision.init_weights(generator, std)
+            self.vision.init_weights(generator)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

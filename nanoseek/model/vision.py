@@ -275,15 +275,24 @@ class VisionModel(nn.Module):
         self.view_separator = nn.Parameter(torch.empty(lm_hidden_size))
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """SigLIP's (big_vision) initialisation: Xavier-uniform dense layers, LeCun-normal patch
+        embedding, position embeddings N(0, 1/width), zero biases, unit LayerNorms."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                module.weight.normal_(0.0, std, generator=generator)
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                bound = math.sqrt(6 / (fan_in + fan_out))
+                module.weight.uniform_(-bound, bound, generator=generator)
+                module.bias.zero_()
+            elif isinstance(module, nn.Conv2d):
+                fan_in = module.weight[0].numel()
+                module.weight.normal_(0.0, fan_in**-0.5, generator=generator)
                 module.bias.zero_()
             elif isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
-        self.encoder.pos_embed.normal_(0.0, std, generator=generator)
+        width = self.encoder.pos_embed.shape[-1]
+        self.encoder.pos_embed.normal_(0.0, width**-0.5, generator=generator)
         # DeepSeek-VL2 draws the layout tokens with std 1/sqrt(hidden_size)
         D = self.image_newline.shape[0]
         self.image_newline.normal_(0.0, D**-0.5, generator=generator)
