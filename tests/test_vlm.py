@@ -115,7 +115,7 @@ def test_batches_learn_only_the_reply(tmp_path):
 
 def test_tiny_vlm_training_lowers_the_loss_and_eval_reports_accuracy(tmp_path, capsys):
     data = fake_medmnist(tmp_path / "breastmnist.npz")
-    args = parse(["--data", str(data), "--out", str(tmp_path / "vlm"), "--epochs", "6", "--batch-size", "16",
+    args = parse(["--data", str(data), "--out", str(tmp_path / "vlm"), "--projector-steps", "4", "--steps", "24", "--eval-every", "8", "--batch-size", "16",
                   "--lr", "3e-3", "--warmup-steps", "2", *TINY])
     info = vlm.run_training(args)
     losses = [h["train_loss"] for h in info["history"]]

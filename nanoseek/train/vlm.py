@@ -7,9 +7,9 @@ Data is a MedMNIST 2D .npz (its train split is learned, its val split picks the 
 JSONL of `{"image", "messages"}` (see vlm_data.py). The language model comes from a text-pretrained
 checkpoint (`--init`, with its tokenizer; a vision tower is added) or is built from scratch (`--preset`,
 with a byte-level BPE tokenizer trained on the data's text). Two stages, as DeepSeek-VL2 trains:
-1. projector only (`--projector-epochs`): encoder and language model frozen, the projector learns
+1. projector only (`--projector-steps`): encoder and language model frozen, the projector learns
    to map image features into the language model's embedding space;
-2. everything (`--epochs`): encoder, projector and language model together.
+2. everything (`--steps`): encoder, projector and language model together.
 Only the reply tokens are learned. `--max-minutes` bounds the whole run, data preparation and
 validation included. The checkpoint written to --out is the one with the best validation accuracy
 (MedMNIST: generated answers on the val split), or the lowest validation loss for JSONL with
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -132,6 +132,29 @@ def train_step(model: DeepSeekModel, batch, optimizer, lr: float, args) -> float
     return loss.item()
 
 
+class EMA:
+    """An exponential moving average of the weights, the model that is validated and kept.
+    On a few hundred images the averaged weights generalise better than the last step's."""
+
+    def __init__(self, model: DeepSeekModel, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: DeepSeekModel) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point() and not k.endswith("e_score_correction_bias"):
+                self.shadow[k].lerp_(v, 1 - self.decay)
+            else:  # router biases follow their own rule, not an average
+                self.shadow[k].copy_(v)
+
+    def swap(self, model: DeepSeekModel) -> None:
+        """Exchange the model's weights and the averaged ones (call again to swap back)."""
+        live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        self.shadow = live
+
+
 def validate(model, tok, val: list[Example], task: ClassTask | None, args) -> dict:
     if not val:
         return {}
@@ -156,9 +179,19 @@ def score(metrics: dict) -> tuple:
     return (-metrics.get("val_loss", 0.0),)
 
 
+def batches(train: list[Example], tok: Tokenizer, vcfg: VisionConfig, args, generator, rng) -> Iterator:
+    """Endless training batches, epoch after epoch (each epoch reshuffled or class-balanced)."""
+    while True:
+        order = epoch_order(train, args.balance, generator)
+        for i in range(0, len(order) - args.batch_size + 1, args.batch_size):  # full batches only
+            yield make_batch([train[j] for j in order[i : i + args.batch_size]], tok, vcfg, rng if args.augment else None)
+
+
 def run_training(args) -> dict:
     start = time.perf_counter()
     deadline = start + 60 * args.max_minutes
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train, val, task = load_data(args)
     model, tok = build_vlm(args, data_texts(train))
@@ -171,46 +204,47 @@ def run_training(args) -> dict:
           f"{len(train)} train / {len(val)} val examples" + (f"; task {task.name}: {task.class_names}" if task else ""))
     info = {"args": vars(args), "task": task.__dict__ if task else None, "history": []}
     best, best_metrics = None, {}
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    stream = batches(train, tok, vcfg, args, generator, rng)
     model.train()
     out_of_time = False
-    for stage, epochs, max_lr in ((1, args.projector_epochs, args.projector_lr), (2, args.epochs, args.lr)):
-        if epochs == 0 or out_of_time:
+    for stage, total, max_lr in ((1, args.projector_steps, args.projector_lr), (2, args.steps, args.lr)):
+        if total == 0 or out_of_time:
             continue
-        params = set_stage(model, stage)
+        set_stage(model, stage)
         optimizer = build_optimizer(model, lr=max_lr, weight_decay=args.weight_decay)
-        total = epochs * steps_per_epoch
-        step = 0
-        for epoch in range(epochs):
-            order = epoch_order(train, args.balance, generator)
+        ema = EMA(model, args.ema) if args.ema and stage == 2 else None
+        losses = []
+        for step in range(total):
+            lr = lr_at(step, max_lr=max_lr, total_steps=total, warmup_steps=min(args.warmup_steps, total // 5 + 1))
+            losses.append(train_step(model, next(stream), optimizer, lr, args))
+            if ema is not None:
+                ema.update(model)
+            out_of_time = time.perf_counter() > deadline
+            if (step + 1) % args.eval_every and step + 1 < total and not out_of_time:
+                continue
+            if ema is not None:
+                ema.swap(model)  # validate (and keep) the averaged weights
+            metrics = {"stage": stage, "step": step + 1, "epoch": round((step + 1) * args.batch_size / len(train), 1),
+                       "train_loss": float(np.mean(losses)), **validate(model, tok, val, task, args),
+                       "minutes": (time.perf_counter() - start) / 60}
             losses = []
-            for i in range(0, len(order), args.batch_size):
-                batch = make_batch([train[j] for j in order[i : i + args.batch_size]], tok, vcfg,
-                                   rng if args.augment else None)
-                lr = lr_at(step, max_lr=max_lr, total_steps=total, warmup_steps=min(args.warmup_steps, total // 10 + 1))
-                losses.append(train_step(model, batch, optimizer, lr, args))
-                step += 1
-                if time.perf_counter() > deadline:
-                    out_of_time = True
-                    break
-            metrics = {"stage": stage, "epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
-                       **validate(model, tok, val, task, args), "minutes": (time.perf_counter() - start) / 60}
             info["history"].append(metrics)
             improved = best is None or score(metrics) > score(best_metrics)
-            shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+            shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
             print(shown + ("  *" if improved else ""), flush=True)
-            # projector-only epochs are never kept over a model that has also trained the rest
+            # a projector-only model is never kept over one that has also trained the rest
             if improved or stage > best_metrics.get("stage", 0):
                 best, best_metrics = {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
                 info["best"] = best_metrics
+            if ema is not None:
+                ema.swap(model)
             if out_of_time:
                 print(f"stopping: the {args.max_minutes}-minute budget is spent")
                 break
-        del params, optimizer
     model.load_state_dict(best)
     info["minutes"] = (time.perf_counter() - start) / 60
     save(model, args.out, extra_files={**tok.files(), TRAIN_INFO: json.dumps(info, indent=2, default=str) + "\n"})
-    print(f"saved the checkpoint of stage {best_metrics['stage']} epoch {best_metrics['epoch']} to {args.out} "
+    print(f"saved the checkpoint of stage {best_metrics['stage']} step {best_metrics['step']} to {args.out} "
           f"({info['minutes']:.1f} minutes in all)")
     return info
 
@@ -232,8 +266,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vision-heads", type=int, default=4)
     g.add_argument("--max-tiles", type=int, default=1, help="dynamic tiling up to this many tiles (1: global view only)")
     g = parser.add_argument_group("training")
-    g.add_argument("--projector-epochs", type=int, default=1, help="stage 1: projector only")
-    g.add_argument("--epochs", type=int, default=30, help="stage 2: everything")
+    g.add_argument("--projector-steps", type=int, default=50, help="stage 1 (projector only) optimizer steps")
+    g.add_argument("--steps", type=int, default=2000, help="stage 2 (everything) optimizer steps")
+    g.add_argument("--eval-every", type=int, default=100, help="validate (and maybe keep the model) every N steps")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--projector-lr", type=float, default=1e-3)
@@ -242,9 +277,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--bias-update-rate", type=float, default=1e-3, help="router bias step (DeepSeek-V3's gamma)")
-    g.add_argument("--no-balance", dest="balance", action="store_false", help="sample uniformly, not class-balanced")
+    g.add_argument("--balance", action="store_true",
+                   help="class-balanced sampling (helps rare classes, but moves the model's prior off the data's)")
     g.add_argument("--no-augment", dest="augment", action="store_false")
+    g.add_argument("--ema", type=float, default=0.0, help="keep an average of the weights with this decay (e.g. 0.99)")
     g.add_argument("--max-minutes", type=float, default=20.0, help="bound on the whole run's wall time")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--seed", type=int, default=0)
 
 
