@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import nanoseek
+from nanoseek.model.params import count_parameters
 
 
 def read_rows(run: Path) -> list[dict]:
@@ -41,6 +42,7 @@ def main():
     parser.add_argument("--preset", default="small")
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--out", default=None, help="folder for both runs and the plot (default: a temp folder)")
+    parser.add_argument("--report-only", action="store_true", help="summarise the runs already in --out")
     parser.add_argument("--train-args", default="--batch-size 8 --seq-len 256 --eval-every 50 --eval-batches 20 --lr 2e-3",
                         help="extra `nanoseek train` arguments, the same for both runs")
     args = parser.parse_args()
@@ -48,7 +50,8 @@ def main():
         sys.exit(f"corpus {args.corpus} not found")
     config = nanoseek.get_preset(args.preset)
     active_width = (config.num_experts_per_tok + config.n_shared_experts) * config.moe_intermediate_size
-    out = Path(args.out or tempfile.mkdtemp(prefix="moe-vs-dense-"))
+    out = Path(args.out or tempfile.mkdtemp(prefix=f"{args.mode}-"))
+    out.mkdir(parents=True, exist_ok=True)
     common = [sys.executable, "-m", "nanoseek.cli", "train", "--corpus", args.corpus, "--preset", args.preset,
               "--vocab-size", str(args.vocab_size), "--threads", "1", "--save-every", "0", "--max-new-tokens", "40",
               "--set", f"intermediate_size={active_width}", *args.train_args.split()]
@@ -59,24 +62,26 @@ def main():
         common += ["--steps", str(args.steps), "--log-every", "1"]
         runs = {"bf16": ["--dtype", "bf16"], "fp32": ["--dtype", "fp32"]}
     procs = {}
-    for name, extra in runs.items():
+    for name, extra in runs.items() if not args.report_only else ():
         log = open(out / f"{name}.log", "w")
         procs[name] = subprocess.Popen(common + ["--out", str(out / name)] + extra, stdout=log, stderr=subprocess.STDOUT)
     for name, proc in procs.items():
         if proc.wait():
             sys.exit(f"{name} run failed; see {out / name}.log")
 
-    budget = f"{args.minutes} min" if args.mode == "moe-vs-dense" else f"{args.steps} steps"
+    steps_flag = args.train_args.split()[args.train_args.split().index("--steps") + 1] if "--steps" in args.train_args.split() else None
+    budget = f"{steps_flag} steps" if steps_flag else f"{args.minutes} min" if args.mode == "moe-vs-dense" else f"{args.steps} steps"
     print(f"{args.corpus}, preset {args.preset} (intermediate_size {active_width}), {budget} each, "
           f"side by side on one thread each; runs in {out}")
     print(f"{'model':>6} {'params':>8} {'activated':>9} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'val loss':>9} {'best val':>9}")
-    curves = {}
+    curves, by_step = {}, {}
     for name in runs:
         cfg = nanoseek.load(out / name / "latest").config
-        counts = nanoseek.model.params.count_parameters(cfg)
+        counts = count_parameters(cfg)
         rows = read_rows(out / name)
         val = [(r["elapsed"], r["val_loss"]) for r in rows if "val_loss" in r and "elapsed" in r]
         curves[name] = val if args.mode == "moe-vs-dense" else [(r["step"], r["loss"]) for r in rows]
+        by_step[name] = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         speed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
         steps = rows[-1]["step"]
         state = json.loads((out / name / "latest" / "trainer_state.json").read_text())
@@ -94,8 +99,9 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
         moe_mode = args.mode == "moe-vs-dense"
+        fig, axes = plt.subplots(1, 2 if moe_mode else 1, figsize=(13 if moe_mode else 7, 4.5), squeeze=False)
+        ax = axes[0][0]
         for name, points in curves.items():
             xs = [t / 60 for t, _ in points] if moe_mode else [step for step, _ in points]
             ax.plot(xs, [v for _, v in points], marker="o" if moe_mode else None, markersize=3, label=name)
@@ -105,6 +111,15 @@ def main():
                      + Path(args.corpus).name)
         ax.grid(alpha=0.3)
         ax.legend()
+        if moe_mode:  # the same runs per optimizer step (= per token): the quality side alone
+            right = axes[0][1]
+            for name, points in by_step.items():
+                right.plot(*zip(*points), marker="o", markersize=3, label=name)
+            right.set_xlabel("step (same tokens per step for both)")
+            right.set_ylabel("validation loss (nats/token)")
+            right.set_title("the same runs, per step")
+            right.grid(alpha=0.3)
+            right.legend()
         fig.tight_layout()
         png = out / f"{args.mode}.png"
         fig.savefig(png, dpi=110)
