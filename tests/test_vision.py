@@ -182,3 +182,19 @@ def test_checkpoint_round_trip_keeps_the_tower(tmp_path):
         a = model(inputs_embeds=model.embed_multimodal(ids, ims))
         b = loaded(inputs_embeds=loaded.embed_multimodal(ids, ims))
     assert torch.equal(a, b)
+
+
+def test_overlapping_patches_see_their_neighbours_and_keep_the_grid():
+    model = tiny_vlm(patch_overlap=1)
+    patch_embed = model.vision.encoder.patch_embed
+    assert patch_embed.proj.weight.shape[-2:] == (4, 4)  # patch 2 + 1 pixel on each side
+    with torch.no_grad():
+        assert model.vision.encoder(torch.randn(2, 3, 16, 16)).shape == (2, 8, 8, VISION["hidden_size"])
+        x = torch.zeros(1, 3, 16, 16)
+        base = patch_embed(x)
+        x[0, :, 0, 2] = 1.0  # a pixel of patch (0, 1), on the border with patch (0, 0)
+        changed = (patch_embed(x) - base).abs().sum(-1)[0] > 0
+    assert changed[0, :3].tolist() == [True, True, False]
+    assert image_token_count(VisionConfig(**{**VISION, "patch_overlap": 1})) == image_token_count(VisionConfig(**VISION))
+    with pytest.raises(ConfigError, match="vision_config.patch_overlap"):
+        VisionConfig(**{**VISION, "patch_overlap": -1})

@@ -150,6 +150,24 @@ def test_start_from_a_text_checkpoint_keeps_its_weights(tmp_path):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_class_weights_match_the_requested_prior():
+    from nanoseek.train.vlm_data import Example
+
+    train = [Example(None, [], 0)] * 10 + [Example(None, [], 1)] * 90
+    val = [Example(None, [], 0)] * 30 + [Example(None, [], 1)] * 70
+
+    def share_of_class_0(balance):
+        w = vlm.class_weights(train, val, balance)
+        return float(w[:10].sum() / w.sum())
+
+    assert share_of_class_0("val") == pytest.approx(0.3)
+    assert share_of_class_0("classes") == pytest.approx(0.5)
+    assert vlm.class_weights(train, val, "none") is None
+    assert vlm.class_weights(train, [], "val") is None  # nothing to match: the training split as it is
+    order = vlm.epoch_order(100, vlm.class_weights(train, val, "classes"), torch.Generator().manual_seed(0))
+    assert len(order) == 100 and 30 < sum(i < 10 for i in order) < 70
+
+
 def test_auc_matches_hand_counts():
     assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True])) == 0.75
     assert roc_auc(np.array([0.5, 0.5, 0.5]), np.array([True, False, False])) == 0.5  # ties count half

@@ -45,7 +45,8 @@ TRAIN_INFO = "vlm_train.json"  # written beside the weights: the task, the argum
 def vision_config(args) -> dict:
     width = args.vision_width
     return VisionConfig(
-        image_size=args.image_size, patch_size=args.patch_size, hidden_size=width, intermediate_size=4 * width,
+        image_size=args.image_size, patch_size=args.patch_size, patch_overlap=args.patch_overlap,
+        hidden_size=width, intermediate_size=4 * width,
         num_hidden_layers=args.vision_layers, num_attention_heads=args.vision_heads, max_tiles=args.max_tiles,
     ).to_dict()
 
@@ -105,13 +106,31 @@ def data_texts(examples: list[Example]) -> list[str]:
     return texts
 
 
-def epoch_order(examples: list[Example], balance: bool, generator: torch.Generator) -> list[int]:
-    """A shuffled epoch; with balance, drawn with replacement so every class is equally likely."""
-    n = len(examples)
-    if not balance or any(ex.label is None for ex in examples):
+def class_weights(train: list[Example], val: list[Example], balance: str) -> torch.Tensor | None:
+    """Per-example sampling weights, or None for plain shuffling.
+
+    "classes": every class equally often. "val": classes as often as in the validation split, so the
+    model's prior (and so its answers) fits the data it is selected on and will be tested on, when a
+    training split was gathered differently (PneumoniaMNIST's variant keeps 10% normal images in
+    train against 26% in val). "none", or data without labels: the training split as it is.
+    """
+    if balance == "none" or any(ex.label is None for ex in train):
+        return None
+    labels = torch.tensor([ex.label for ex in train])
+    counts = torch.bincount(labels).float()
+    if balance == "classes":
+        target = (counts > 0).float()
+    else:
+        if not val or any(ex.label is None for ex in val):
+            return None
+        target = torch.bincount(torch.tensor([ex.label for ex in val]), minlength=len(counts)).float()[: len(counts)]
+    return (target / counts.clamp_min(1))[labels]
+
+
+def epoch_order(n: int, weights: torch.Tensor | None, generator: torch.Generator) -> list[int]:
+    """A shuffled epoch, or n draws with replacement in proportion to weights."""
+    if weights is None:
         return torch.randperm(n, generator=generator).tolist()
-    labels = torch.tensor([ex.label for ex in examples])
-    weights = 1.0 / torch.bincount(labels).float()[labels]
     return torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
 
 
@@ -179,10 +198,10 @@ def score(metrics: dict) -> tuple:
     return (-metrics.get("val_loss", 0.0),)
 
 
-def batches(train: list[Example], tok: Tokenizer, vcfg: VisionConfig, args, generator, rng) -> Iterator:
-    """Endless training batches, epoch after epoch (each epoch reshuffled or class-balanced)."""
+def batches(train: list[Example], weights, tok: Tokenizer, vcfg: VisionConfig, args, generator, rng) -> Iterator:
+    """Endless training batches, epoch after epoch (each epoch reshuffled or redrawn by class weights)."""
     while True:
-        order = epoch_order(train, args.balance, generator)
+        order = epoch_order(len(train), weights, generator)
         for i in range(0, len(order) - args.batch_size + 1, args.batch_size):  # full batches only
             yield make_batch([train[j] for j in order[i : i + args.batch_size]], tok, vcfg, rng if args.augment else None)
 
@@ -204,7 +223,7 @@ def run_training(args) -> dict:
           f"{len(train)} train / {len(val)} val examples" + (f"; task {task.name}: {task.class_names}" if task else ""))
     info = {"args": vars(args), "task": task.__dict__ if task else None, "history": []}
     best, best_metrics = None, {}
-    stream = batches(train, tok, vcfg, args, generator, rng)
+    stream = batches(train, class_weights(train, val, args.balance), tok, vcfg, args, generator, rng)
     model.train()
     out_of_time = False
     for stage, total, max_lr in ((1, args.projector_steps, args.projector_lr), (2, args.steps, args.lr)):
@@ -260,7 +279,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=512, help="size of the tokenizer trained on the data")
     g = parser.add_argument_group("vision tower (new towers only)")
     g.add_argument("--image-size", type=int, default=28)
-    g.add_argument("--patch-size", type=int, default=2)
+    g.add_argument("--patch-size", type=int, default=4)
+    g.add_argument("--patch-overlap", type=int, default=2, help="pixels each patch sees past its cell (0: SigLIP's)")
     g.add_argument("--vision-width", type=int, default=128)
     g.add_argument("--vision-layers", type=int, default=4)
     g.add_argument("--vision-heads", type=int, default=4)
@@ -270,17 +290,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=2000, help="stage 2 (everything) optimizer steps")
     g.add_argument("--eval-every", type=int, default=100, help="validate (and maybe keep the model) every N steps")
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--projector-lr", type=float, default=1e-3)
     g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--warmup-steps", type=int, default=180)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--bias-update-rate", type=float, default=1e-3, help="router bias step (DeepSeek-V3's gamma)")
-    g.add_argument("--balance", action="store_true",
-                   help="class-balanced sampling (helps rare classes, but moves the model's prior off the data's)")
+    g.add_argument("--balance", choices=("val", "classes", "none"), default="val",
+                   help="sample classes as often as in the val split (default), equally often, or as the train split has them")
     g.add_argument("--no-augment", dest="augment", action="store_false")
-    g.add_argument("--ema", type=float, default=0.0, help="keep an average of the weights with this decay (e.g. 0.99)")
+    g.add_argument("--ema", type=float, default=0.99, help="validate and keep an average of the weights with this decay (0: off)")
     g.add_argument("--max-minutes", type=float, default=20.0, help="bound on the whole run's wall time")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--seed", type=int, default=0)
