@@ -14,16 +14,21 @@ plus causal attention) / measured 1024^3 matmul FLOP/s in that dtype.
 """
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 
-import torch
-import torch.nn.functional as F
+# OpenMP threads that sleep while waiting, as scripts/run.sh sets: on a shared machine spinning
+# threads stall each other (several times slower steps); an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import nanoseek
-from nanoseek.train.metrics import train_flops_per_token
-from nanoseek.train.trainer import Settings, Trainer
+import torch  # noqa: E402  (after the OpenMP setting, which is read when torch loads)
+import torch.nn.functional as F  # noqa: E402
+
+import nanoseek  # noqa: E402
+from nanoseek.train.metrics import train_flops_per_token  # noqa: E402
+from nanoseek.train.trainer import Settings, Trainer  # noqa: E402
 
 
 class RandomTokens:

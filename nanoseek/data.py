@@ -102,6 +102,14 @@ def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
         yield path.name, text
 
 
+def corpus_fingerprint(corpus: str | os.PathLike) -> str:
+    """sha256 over the names and lengths of the corpus's documents: changes when the corpus does."""
+    digest = hashlib.sha256()
+    for name, text in iter_documents(corpus):
+        digest.update(f"{name}\0{len(text)}\0".encode())
+    return digest.hexdigest()
+
+
 def split_documents(documents: Iterable[tuple[str, str]], val_fraction: float) -> tuple[list[str], list[str]]:
     """Texts for train and val. Many documents: by a hash of the name; one: at a line boundary."""
     if not 0 < val_fraction < 1:
@@ -152,6 +160,7 @@ def prepare_shards(
             splits[split]["documents"] = len(texts)
         meta = {
             "corpus": str(resolve_corpus(corpus)),
+            "corpus_fingerprint": corpus_fingerprint(corpus),
             "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size,
             "tokenizer_sha256": tokenizer_fingerprint(tokenizer),

@@ -88,3 +88,13 @@ def test_truncated_shard_is_refused(corpus, tok, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(DataError, match="truncated"):
         TokenStream(tmp_path / "s", "train")
+
+
+def test_corpus_fingerprint_follows_the_corpus(tmp_path):
+    from nanoseek.data import corpus_fingerprint
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    before = corpus_fingerprint(tmp_path)
+    assert corpus_fingerprint(tmp_path) == before
+    (tmp_path / "b.py").write_text("y = 2\n")
+    assert corpus_fingerprint(tmp_path) != before

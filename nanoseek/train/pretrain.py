@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from ..config import PRESETS, ModelConfig, get_preset
-from ..data import (PackedLoader, TokenStream, iter_documents, prepare_shards, read_meta, resolve_corpus,
-                    tokenizer_fingerprint, val_batches)
+from ..data import (DataError, PackedLoader, TokenStream, corpus_fingerprint, iter_documents, prepare_shards,
+                    read_meta, resolve_corpus, tokenizer_fingerprint, val_batches)
 from ..model.params import count_parameters, human
 from ..model.transformer import build_model
 from ..tokenizer import Tokenizer, sample_texts
@@ -103,32 +103,33 @@ def model_config(args, vocab_size: int, tok: Tokenizer) -> ModelConfig:
 
 
 def prepare_data(args, run_dir: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
-    """The tokenizer and shards under run_dir/data, reused when they match the corpus and tokenizer."""
+    """The tokenizer and shards under run_dir/data, reused when made from this very corpus (and,
+    with --tokenizer, this tokenizer) with the same vocabulary size and val fraction."""
     data_dir = run_dir / "data"
-    corpus = str(resolve_corpus(args.corpus))
+    fingerprint = corpus_fingerprint(args.corpus)
+    try:
+        meta = read_meta(data_dir)
+    except DataError:
+        meta = {}
+    reusable = (meta.get("corpus_fingerprint") == fingerprint and meta.get("val_fraction") == args.val_fraction
+                and (data_dir / "tokenizer.json").exists())
     if args.tokenizer:
         tok = Tokenizer.load(args.tokenizer)
-    elif (data_dir / "tokenizer.json").exists() and read_meta(data_dir).get("corpus") == corpus \
-            and read_meta(data_dir)["vocab_size"] == vocab_size:
+        reusable = reusable and meta.get("tokenizer_sha256") == tokenizer_fingerprint(tok)
+    elif reusable and meta.get("vocab_size") == vocab_size:
         tok = Tokenizer.load(data_dir)
     else:
+        reusable = False
         start = time.perf_counter()
         texts = sample_texts((t for _, t in iter_documents(args.corpus)), args.tokenizer_max_bytes)
         tok = Tokenizer.train(texts, vocab_size)
-        print(f"trained a {vocab_size}-token BPE tokenizer on {corpus} in {time.perf_counter() - start:.1f}s")
-    fresh = False
-    try:
-        meta = read_meta(data_dir)
-        fresh = meta["corpus"] == corpus and meta["tokenizer_sha256"] == tokenizer_fingerprint(tok) \
-            and meta["val_fraction"] == args.val_fraction
-    except Exception:
-        pass
-    if not fresh:
+        print(f"trained a {vocab_size}-token BPE tokenizer on {resolve_corpus(args.corpus)} in {time.perf_counter() - start:.1f}s")
+    if not reusable:
         start = time.perf_counter()
         meta = prepare_shards(args.corpus, tok, data_dir, val_fraction=args.val_fraction)
         tok.save(data_dir)
         n = {k: sum(v["tokens"]) for k, v in meta["splits"].items()}
-        print(f"tokenized {corpus}: {n['train']:,} train / {n['val']:,} val tokens in {time.perf_counter() - start:.1f}s")
+        print(f"tokenized {meta['corpus']}: {n['train']:,} train / {n['val']:,} val tokens in {time.perf_counter() - start:.1f}s")
     return tok, data_dir
 
 
