@@ -7,7 +7,7 @@ import torch
 
 import nanoseek
 from nanoseek.inference import LatentCache, SamplingParams
-from nanoseek.inference.forward import model_forward
+from nanoseek.inference.forward import CacheView, model_forward
 from nanoseek.inference.sampling import SamplingBatch, filter_logits, sample, uniform_noise
 
 PROMPTS = [[5, 17, 42, 9, 100, 3, 77], [8, 1, 250], [61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72]]
@@ -32,16 +32,16 @@ def full_greedy(model, prompt, steps):
 def test_cached_decode_equals_full_recomputation(model):
     prompt, steps = PROMPTS[0], 12
     tokens, ref_logits = full_greedy(model, prompt, steps)
-    cache = LatentCache(model.config, 1, 64)
+    cache = CacheView(LatentCache(model.config, 1, 64).kv, 0, 64)
     with torch.no_grad():
-        hidden = model_forward(model, cache.kv, torch.tensor([prompt]), torch.arange(len(prompt))[None], plain=True)
+        hidden = model_forward(model, cache, torch.tensor([prompt]), torch.arange(len(prompt))[None], plain=True)
         logits = model.lm_head(hidden[:, -1])
         got = []
         for step in range(steps):
             assert (logits[0] - ref_logits[step]).abs().max().item() < 1e-5
             got.append(logits[0].argmax().item())
             pos = torch.tensor([[len(prompt) + step]])
-            logits = model.lm_head(model_forward(model, cache.kv, torch.tensor([[got[-1]]]), pos)[:, -1])
+            logits = model.lm_head(model_forward(model, cache, torch.tensor([[got[-1]]]), pos)[:, -1])
     assert got == tokens
     assert nanoseek.generate(model, [prompt], steps, stop_token_ids=[]) == [tokens]
 
@@ -58,8 +58,8 @@ def test_absorbed_equals_plain(model):
     pos = torch.arange(ids.shape[1])[None]
     caches = [LatentCache(model.config, 1, 16) for _ in range(2)]
     with torch.no_grad():
-        h_plain = model_forward(model, caches[0].kv, ids, pos, plain=True)
-        h_absorbed = model_forward(model, caches[1].kv, ids, pos, plain=False)
+        h_plain = model_forward(model, CacheView(caches[0].kv, 0, 16), ids, pos, plain=True)
+        h_absorbed = model_forward(model, CacheView(caches[1].kv, 0, 16), ids, pos, plain=False)
     assert (h_plain - h_absorbed).abs().max().item() < 1e-5
     assert (caches[0].kv - caches[1].kv).abs().max().item() < 1e-5
 

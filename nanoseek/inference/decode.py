@@ -10,39 +10,47 @@ size and attended length can change between steps without recompiling.
 """
 
 import warnings
+import weakref
 
 import torch
 
 from ..model.transformer import DeepSeekModel
-from .forward import model_forward
+from .forward import CacheView, model_forward
 from .sampling import TARGET, SamplingBatch, sample
 from .speculative import _rows, draft, mark_seen
 
 
-def decode_step(model: DeepSeekModel, kv, seen_BV, ids_B, pos_B, s: SamplingBatch):
-    """Tokens ids_B at positions pos_B -> the next token of each row (B,); seen_BV is updated."""
-    hidden = model_forward(model, kv, ids_B.unsqueeze(1), pos_B.unsqueeze(1))
-    seen = seen_BV.unsqueeze(1) if s.any_penalty else None
-    next_B = sample(model.lm_head(hidden), s, seen, pos_B.unsqueeze(1) + 1, TARGET).squeeze(1)
-    seen_BV[torch.arange(ids_B.shape[0], device=ids_B.device), next_B] = True
+def decode_step(model: DeepSeekModel, kv, seen, ids_B, pos_B, s: SamplingBatch, attend: int):
+    """Tokens ids_B at positions pos_B -> the next token of each row (B,).
+
+    kv and seen are the engine's whole buffers (layers, slots, max_len, R) and (slots, V): the step
+    uses the first B slots and attends to `attend` positions, slicing inside the graph so the
+    compiled step always sees tensors of the same strides. seen gets the new tokens.
+    """
+    B = ids_B.shape[0]
+    hidden = model_forward(model, CacheView(kv, 0, attend), ids_B.unsqueeze(1), pos_B.unsqueeze(1))
+    penalty_seen = seen[:B].unsqueeze(1) if s.any_penalty else None
+    next_B = sample(model.lm_head(hidden), s, penalty_seen, pos_B.unsqueeze(1) + 1, TARGET).squeeze(1)
+    seen[torch.arange(B, device=ids_B.device), next_B] = True
     return next_B
 
 
 @torch.inference_mode()
-def prefill(model: DeepSeekModel, kv, seen_BV, prompts: list[list[int]], s: SamplingBatch, draft_tokens: int = 0):
-    """Run fresh prompts (lengths may differ) into cache rows kv[:, :B] and sample each one's first token.
+def prefill(model: DeepSeekModel, cache: CacheView, seen_BV, prompts: list[list[int]], s: SamplingBatch,
+            draft_tokens: int = 0):
+    """Run fresh prompts (lengths may differ) into the cache view's slots and sample each one's first token.
 
     seen_BV rows are reset to the prompt's tokens plus the sampled one. Returns the first tokens (B,)
     and, with draft_tokens > 0, the MTP drafts (B, k) and their distributions (B, k, V).
     """
     B, T = len(prompts), max(len(p) for p in prompts)
-    device = kv.device
+    device = cache.kv.device
     ids_BT = torch.zeros(B, T, dtype=torch.long, device=device)
     for b, prompt in enumerate(prompts):
         ids_BT[b, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     lengths_B = torch.tensor([len(p) for p in prompts], device=device)
     pos_BT = torch.arange(T, device=device).expand(B, T)
-    hidden_BTD = model_forward(model, kv, ids_BT, pos_BT, plain=True)
+    hidden_BTD = model_forward(model, cache, ids_BT, pos_BT, plain=True)
     last_B = lengths_B - 1
     seen_BV.zero_()
     valid_BT = pos_BT < lengths_B.unsqueeze(1)
@@ -55,28 +63,90 @@ def prefill(model: DeepSeekModel, kv, seen_BV, prompts: list[list[int]], s: Samp
         return first_B, None, None
     # MTP row i reads token i+1: the prompt shifted by one, with the first sampled token at the end
     next_BT = torch.cat((ids_BT[:, 1:], ids_BT[:, :1]), dim=1).scatter(1, last_B.unsqueeze(1), first_B.unsqueeze(1))
-    drafts, q = draft(model, kv, hidden_BTD, next_BT, torch.zeros_like(last_B), last_B, s, seen_BV, draft_tokens)
+    drafts, q = draft(model, cache, hidden_BTD, next_BT, torch.zeros_like(last_B), last_B, s, seen_BV, draft_tokens)
     return first_B, drafts, q
 
 
 _COMPILED: dict = {}
+_WARM: set = set()  # (step, input signature) pairs that already ran once with all of Dynamo's guards
+
+# How decode steps are compiled. cpp_wrapper: the compiled graph launches its kernels from C++, not
+# Python. decompose_mm_pass: a matmul with a single row (batch-1 decode) becomes a pointwise-multiply
+# and sum that inductor fuses with its neighbours, instead of a oneDNN call per weight; together
+# they halve the batch-1 step on the `tiny` config (benchmarks/decode.py).
+WIDEST_DECOMPOSED = 1 << 18
+MOST_ROWS_DECOMPOSED = 4  # a speculative verify of up to 3 drafts at batch 1
+COMPILE_OPTIONS = {
+    "cpp_wrapper": True,
+    # single-threaded kernels: a decode step's loops are microseconds long, so splitting them over
+    # threads costs more in synchronisation than it saves, and far more on a busy machine, where a
+    # spinning thread waits for a descheduled one (extern matmuls still use torch's threads)
+    "cpp.threads": 1,
+    # the limits are also here so that inductor's compile cache tells settings apart
+    "post_grad_fusion_options": {"decompose_mm_pass": {
+        "cpu_max_other_dimension_decomposition": WIDEST_DECOMPOSED,
+        "cpu_max_first_dimension_decomposition": MOST_ROWS_DECOMPOSED,
+    }},
+}
 
 
-def compiled(fn, enable: bool = True):
-    """fn compiled with torch.compile (cached per function), or fn itself when disabled."""
-    if not enable:
-        return fn
+def _decompose_wide_matmuls() -> None:
+    """Let decompose_mm_pass take matrices wider than its 2048 default (left to oneDNN, the output
+    head, 4096 wide on `tiny`, alone costs as much as the rest of the step) and up to 4 rows instead
+    of 1 (a speculative verify). Inductor reads the limits from module constants, so they are set
+    there (and skipped if a later torch moves them). Only shapes known when compiling qualify: the
+    batch-1 decode and a verify whose draft count is marked static."""
+    try:
+        from torch._inductor.fx_passes import decompose_mem_bound_mm
+    except ImportError:
+        return
+    if hasattr(decompose_mem_bound_mm, "cpu_max_other_dimension_decomposition"):
+        decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = WIDEST_DECOMPOSED
+        decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = MOST_ROWS_DECOMPOSED
+
+
+def compiled(fn):
+    """fn compiled with torch.compile (once per process), dynamic shapes, one graph per step."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        _decompose_wide_matmuls()
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
     return _COMPILED[fn]
 
 
+def _signature(args) -> tuple:
+    """Everything about a step's inputs that Dynamo's guards can depend on: shapes, dtypes, flags, ids."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((tuple(a.shape), a.stride(), a.dtype, a.device))
+        elif isinstance(a, SamplingBatch):
+            key.append(_signature(a))
+        elif isinstance(a, torch.nn.Module):  # a weak reference: a later model reusing the id is not equal
+            key.append((weakref.ref(a), getattr(a, "dtype", None)))
+        else:
+            key.append(a)
+    return (tuple(key), torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+
+
 def run_step(fn, *args, compile: bool = True):
-    """Call the (compiled) step; if compiling fails, warn once and fall back to eager for good."""
-    if compile and _COMPILED.get(fn) is not False:
-        try:
-            return compiled(fn)(*args)
-        except Exception as e:  # inductor needs a working C++ compiler; eager is always available
-            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); decoding eagerly")
-            _COMPILED[fn] = False
-    return fn(*args)
+    """Call the step, compiled if asked; if compiling fails, warn once and decode eagerly for good.
+
+    Dynamo checks a few hundred guards (every parameter, every input's shape) on each call, a tenth
+    of a batch-1 step. Once inputs of a given signature have passed them, later calls with the
+    same signature skip that check (`skip_guard_eval_unsafe`), which is safe exactly because the
+    signature pins down everything the guards test.
+    """
+    if not compile or _COMPILED.get(fn) is False:
+        return fn(*args)
+    key = (fn, _signature(args))
+    try:
+        if key in _WARM:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return compiled(fn)(*args)
+        out = compiled(fn)(*args)
+        _WARM.add(key)
+        return out
+    except Exception as e:  # inductor needs a working C++ compiler; eager is always available
+        warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); decoding eagerly")
+        _COMPILED[fn] = False
+        return fn(*args)

@@ -46,6 +46,7 @@ import torch
 from ..model.transformer import DeepSeekModel
 from .cache import LatentCache
 from .decode import decode_step, prefill, run_step
+from .forward import CacheView
 from .sampling import SamplingBatch, SamplingParams
 from .speculative import speculative_step
 
@@ -159,11 +160,17 @@ class Engine:
         self.max_cached_tokens = max_cached_tokens or max_batch_size * (self.max_seq_len + speculative)
         self.compile = compile
         device, dtype = model.device, cache_dtype or model.dtype
-        self.cache = LatentCache(config, max_batch_size, self.max_seq_len + speculative, dtype, device)
+        # one spare position: a step never attends to the whole cache, so the compiled step always
+        # sees a strict slice of it and one graph serves every length
+        self.cache = LatentCache(config, max_batch_size, self.max_seq_len + speculative + 1, dtype, device)
         self.seen = torch.zeros(max_batch_size, config.vocab_size, dtype=torch.bool, device=device)
         if speculative:
             self.drafts = torch.zeros(max_batch_size, speculative, dtype=torch.long, device=device)
             self.q = torch.zeros(max_batch_size, speculative, config.vocab_size, device=device)
+            # the draft count is fixed per engine: compiled with it known, a batch-1 verify of k + 1
+            # tokens gets the small-matmul kernels of decode.COMPILE_OPTIONS
+            torch._dynamo.mark_static(self.drafts, 1)
+            torch._dynamo.mark_static(self.q, 1)
         self.running: list[Request] = []
         self._waiting: list[Request] = []
         self._cancelled: set[int] = set()
@@ -316,12 +323,14 @@ class Engine:
         B0, B = len(self.running), len(admitted)
         self.running.extend(admitted)  # from here on a failure fails them too
         T = max(len(r.prompt) for r in admitted)
-        kv = self.cache.kv[:, B0 : B0 + B, : T + self.draft_tokens]  # recursive drafts run past the prompt
+        cache = CacheView(self.cache.kv, B0, T + self.draft_tokens)  # recursive drafts run past the prompt
         s = SamplingBatch.from_params([r.params for r in admitted], self.seen.device)
-        first, drafts, q = prefill(self.model, kv, self.seen[B0 : B0 + B], [r.prompt for r in admitted], s,
+        first, drafts, q = prefill(self.model, cache, self.seen[B0 : B0 + B], [r.prompt for r in admitted], s,
                                    self.draft_tokens)
         if self.draft_tokens:
-            self.drafts[B0 : B0 + B], self.q[B0 : B0 + B] = drafts, q
+            self.drafts[B0 : B0 + B] = drafts
+            if q is not None:  # None when every new row is greedy: their q is implied by the draft
+                self.q[B0 : B0 + B] = q
         self.counters["prefills"] += 1
         now = time.perf_counter()
         for request, token in zip(admitted, first.tolist()):
@@ -332,10 +341,9 @@ class Engine:
         self._retire()
 
     def _decode(self) -> None:
-        B = len(self.running)
-        longest = max(r._n for r in self.running) + 1 + self.draft_tokens
-        S = min(self.cache.max_len, -(-longest // ATTEND_BLOCK) * ATTEND_BLOCK)
-        kv = self.cache.kv[:, :B, :S]
+        B, k = len(self.running), self.draft_tokens
+        longest = max(r._n for r in self.running) + 1 + k
+        attend = min(self.cache.max_len - 1, -(-longest // ATTEND_BLOCK) * ATTEND_BLOCK)
         if self._sampling is None:
             self._sampling = SamplingBatch.from_params([r.params for r in self.running], self.seen.device)
         device = self.seen.device
@@ -343,18 +351,15 @@ class Engine:
         n = torch.tensor([r._n for r in self.running], device=device)
         self.counters["steps"] += 1
         self.counters["row_steps"] += B
-        if not self.draft_tokens:
-            tokens = run_step(decode_step, self.model, kv, self.seen[:B], pending, n, self._sampling,
+        if not k:
+            tokens = run_step(decode_step, self.model, self.cache.kv, self.seen, pending, n, self._sampling, attend,
                               compile=self.compile)
             for request, token in zip(list(self.running), tokens.tolist()):
                 request._n += 1
                 self._emit(request, [token])
         else:
-            k = self.draft_tokens
-            n_accepted, tokens, drafts, q, seen = run_step(
-                speculative_step, self.model, kv, self.seen[:B], pending, n, self.drafts[:B], self.q[:B],
-                self._sampling, compile=self.compile)
-            self.drafts[:B], self.q[:B], self.seen[:B] = drafts, q, seen
+            n_accepted, tokens = run_step(speculative_step, self.model, self.cache.kv, self.seen, self.drafts, self.q,
+                                          pending, n, self._sampling, attend, compile=self.compile)
             out = torch.cat((n_accepted.unsqueeze(1), tokens), dim=1).tolist()
             for request, (a, *row) in zip(list(self.running), out):
                 request._n += a + 1

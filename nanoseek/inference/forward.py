@@ -1,29 +1,41 @@
 """Forward passes that read and write the latent cache: prefill, decode, verify, and the MTP draft.
 
-Every function here takes `kv`, the active part of the cache, (layers, B, S, R): row b of the batch
-is slot b of that view and S is how many positions the step may attend to. A token at position p
-writes its latent at kv[:, b, p] and then attends to positions <= p (the mask), so padding and
-stale entries past a sequence's end are never read.
+Every function here takes a `CacheView`: the whole cache buffer (layers, slots, max_len, R), the
+slot of batch row 0, and how many positions a step attends to. A token at position p of row b
+writes its latent at kv[layer, first + b, p] and then attends to positions <= p (the mask), so
+padding and stale entries past a sequence's end are never read. Writes go into the whole buffer
+with one index_put, never through a slice of it: under torch.compile a write through a slice of
+an input is functionalised into a copy of the entire input.
 
 - Decode and verify (T new tokens on top of a cache) use MLA's absorbed form: attention runs
   against the cached latents directly, nothing is expanded per head.
 - Prefill of fresh sequences may use the plain form (`plain=True`): PyTorch's fused attention over
   the prompt, which never materialises the (T, T) scores that the absorbed form would need per head,
   and the cache is filled on the side.
-
-Routed experts: for a handful of tokens each token's experts are gathered (`Experts` does this on
-its own); when tokens x top_k exceed the number of experts, every expert is applied to every token
-and weighted by the routing (zero for experts not chosen). That reads each expert's weights once,
-like the grouped matmul, and unlike it traces into a single graph under torch.compile, with no
-Python loop over experts and no host sync.
 """
 
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 
 from ..model.block import Block
-from ..model.moe import Experts, MoE
+from ..model.moe import MoE
 from ..model.transformer import DeepSeekModel
+
+
+class CacheView(NamedTuple):
+    kv: torch.Tensor  # the whole cache, (layers, slots, max_len, R)
+    first: int  # slot of batch row 0; row b is slot first + b
+    attend: int  # positions attended to, 0..attend-1
+
+    def write(self, layer: int, pos_BT: torch.Tensor, latent_BTR: torch.Tensor) -> None:
+        B = pos_BT.shape[0]
+        rows_BT = (self.first + torch.arange(B, device=pos_BT.device)).unsqueeze(1).expand_as(pos_BT)
+        self.kv.index_put_((torch.full_like(pos_BT, layer), rows_BT, pos_BT), latent_BTR.to(self.kv.dtype))
+
+    def read(self, layer: int, B: int) -> torch.Tensor:
+        """(B, attend, R)"""
+        return self.kv[layer, self.first : self.first + B, : self.attend]
 
 
 def position_mask(pos_BT: torch.Tensor, S: int) -> torch.Tensor:
@@ -31,46 +43,39 @@ def position_mask(pos_BT: torch.Tensor, S: int) -> torch.Tensor:
     return torch.arange(S, device=pos_BT.device) <= pos_BT.unsqueeze(-1)
 
 
-def all_experts(experts: Experts, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor):
-    """Every expert on every token, weighted by the (sparse) routing weights; (T, D)."""
-    T = x_TD.shape[0]
-    weight_TE = torch.zeros(T, experts.n_experts, dtype=x_TD.dtype, device=x_TD.device)
-    weight_TE = weight_TE.scatter(1, topk_idx_TK, topk_weight_TK.to(x_TD.dtype))
-    gate, up = torch.einsum("td,edf->tef", x_TD, experts.gate_up_proj).chunk(2, dim=-1)
-    return torch.einsum("tei,eid,te->td", F.silu(gate) * up, experts.down_proj, weight_TE)
-
-
 def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """MoE.forward for inference: same result, without storing the routing for balancing."""
+    """MoE.forward for inference: same result, without storing the routing for balancing.
+
+    Compiled, every step gathers each token's experts: the sorted path's grouped matmul has no
+    fp32 kernel under torch.compile and would fall back to a Python loop over experts with a host
+    sync. Inductor turns the gathered matmuls into kernels that read the chosen experts' weights in
+    place, without copying them out first (benchmarks/decode.py: faster than every expert on every
+    token at batch 8, the alternative without a loop).
+    """
     shape = x.shape
     x_TD = x.reshape(-1, shape[-1])
     topk_idx_TK, topk_weight_TK, _ = moe.gate(x_TD)
-    T, K = topk_idx_TK.shape
-    if T * K > moe.experts.n_experts and torch.compiler.is_compiling():
-        y_TD = all_experts(moe.experts, x_TD.to(moe.experts.gate_up_proj.dtype), topk_idx_TK, topk_weight_TK)
-    else:
-        y_TD = moe.experts(x_TD, topk_idx_TK, topk_weight_TK)
-    y_TD = y_TD.to(x.dtype)
+    gathered = True if torch.compiler.is_compiling() else None
+    y_TD = moe.experts(x_TD, topk_idx_TK, topk_weight_TK, gathered=gathered).to(x.dtype)
     if moe.shared_experts is not None:
         y_TD = y_TD + moe.shared_experts(x_TD)
     return y_TD.view(shape)
 
 
-def block_forward(block: Block, x, cos, sin, kv_l, pos_BT, mask, plain: bool) -> torch.Tensor:
-    """One decoder block over new tokens x (B, T, D) at positions pos_BT, with cache layer kv_l (B, S, R)."""
+def block_forward(block: Block, layer: int, x, cos, sin, cache: CacheView, pos_BT, mask, plain: bool) -> torch.Tensor:
+    """One decoder block over new tokens x (B, T, D) at positions pos_BT, using cache layer `layer`."""
     attn = block.self_attn
     h = block.input_layernorm(x)
-    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
-    kv_l[rows, pos_BT] = attn.latent_kv(h, cos, sin).to(kv_l.dtype)
+    cache.write(layer, pos_BT, attn.latent_kv(h, cos, sin))
     if plain:  # fresh sequences starting at position 0: causal attention over the new tokens only
         x = x + attn(h, cos, sin)
     else:
-        x = x + attn.attend_latent(attn.absorbed_query(h, cos, sin), kv_l, mask)
+        x = x + attn.attend_latent(attn.absorbed_query(h, cos, sin), cache.read(layer, x.shape[0]), mask)
     h = block.post_attention_layernorm(x)
     return x + (moe_forward(block.mlp, h) if block.is_moe else block.mlp(h))
 
 
-def model_forward(model: DeepSeekModel, kv: torch.Tensor, ids_BT: torch.Tensor, pos_BT: torch.Tensor,
+def model_forward(model: DeepSeekModel, cache: CacheView, ids_BT: torch.Tensor, pos_BT: torch.Tensor,
                   plain: bool = False) -> torch.Tensor:
     """The main model over new tokens (B, T) at positions (B, T) -> final-normed hidden (B, T, D).
 
@@ -79,23 +84,27 @@ def model_forward(model: DeepSeekModel, kv: torch.Tensor, ids_BT: torch.Tensor, 
     """
     x = model.embed(ids_BT)
     cos, sin = model.rotary(pos_BT)
-    mask = None if plain else position_mask(pos_BT, kv.shape[2])
+    mask = None if plain else position_mask(pos_BT, cache.attend)
     for i, block in enumerate(model.model.layers):
-        x = block_forward(block, x, cos, sin, kv[i], pos_BT, mask, plain)
+        x = block_forward(block, i, x, cos, sin, cache, pos_BT, mask, plain)
     return model.model.norm(x)
 
 
-def mtp_forward(model: DeepSeekModel, k: int, kv: torch.Tensor, h_prev_BTD: torch.Tensor, next_ids_BT: torch.Tensor,
-                pos_BT: torch.Tensor, plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """MTP module k (0-based) over rows at positions pos_BT.
+def mtp_forward(model: DeepSeekModel, k: int, cache: CacheView, h_prev_BTD: torch.Tensor, next_ids_BT: torch.Tensor,
+                pos_BT: torch.Tensor) -> torch.Tensor:
+    """MTP module k (0-based) over rows at positions pos_BT, absorbed form.
 
     h_prev (B, T, D) is the previous depth's representation at those positions (the main model's
     final-normed hidden for k = 0) and next_ids the tokens one step ahead of it. Returns the new
-    representation (B, T, D), before the shared head's norm, and the draft logits (B, T, V).
+    representation (B, T, D), before the shared head's norm (see `mtp_logits`).
     """
     layer = model.mtp[k]
     cos, sin = model.rotary(pos_BT)
-    mask = None if plain else position_mask(pos_BT, kv.shape[2])
     x = layer.combine(h_prev_BTD, model.embed(next_ids_BT))
-    h = block_forward(layer, x, cos, sin, kv[model.config.num_hidden_layers + k], pos_BT, mask, plain)
-    return h, model.lm_head(layer.shared_head.norm(h))
+    return block_forward(layer, model.config.num_hidden_layers + k, x, cos, sin, cache, pos_BT,
+                         position_mask(pos_BT, cache.attend), plain=False)
+
+
+def mtp_logits(model: DeepSeekModel, k: int, h: torch.Tensor) -> torch.Tensor:
+    """Draft logits of MTP module k's representation, through the shared output head."""
+    return model.lm_head(model.mtp[k].shared_head.norm(h))

@@ -21,8 +21,9 @@ would lag one position per depth behind the verified tokens; DeepSeek-V3 ships o
 import torch
 
 from ..model.transformer import DeepSeekModel
-from .forward import model_forward, mtp_forward
-from .sampling import ACCEPT, DRAFT, TARGET, SamplingBatch, probabilities, sample_from, uniform_noise
+from .forward import CacheView, model_forward, mtp_forward, mtp_logits
+from .sampling import (ACCEPT, DRAFT, TARGET, SamplingBatch, probabilities, process_logits, sample_from,
+                       uniform_noise)
 
 
 def _rows(x: torch.Tensor, index_B: torch.Tensor) -> torch.Tensor:
@@ -37,28 +38,32 @@ def mark_seen(seen_BV: torch.Tensor, tokens_BT: torch.Tensor, valid_BT: torch.Te
     return seen_BV | (added.scatter_add(1, tokens_BT, valid_BT.float()) > 0)
 
 
-def draft(model: DeepSeekModel, kv, hidden_BTD, next_ids_BT, first_pos_B, last_B, s: SamplingBatch, seen_BV, k: int):
+def draft(model: DeepSeekModel, cache: CacheView, hidden_BTD, next_ids_BT, first_pos_B, last_B, s: SamplingBatch,
+          seen_BV, k: int):
     """Fill MTP module 1's cache for T rows and draft k tokens after the last committed one.
 
     Row r is position first_pos + r, with the main model's hidden there and next_ids_BT[:, r], the
     token one position later. last_B is each row's last committed position (as a row index); rows
-    after it are padding. Returns drafts (B, k) and their distributions q (B, k, V).
+    after it are padding. Returns drafts (B, k) and their distributions q (B, k, V), or None for q
+    when every row is greedy (then a draft is the argmax and nothing else is needed).
     """
     T = hidden_BTD.shape[1]
     pos_BT = first_pos_B.unsqueeze(1) + torch.arange(T, device=hidden_BTD.device)
-    h_BTD, logits_BTV = mtp_forward(model, 0, kv, hidden_BTD, next_ids_BT, pos_BT)
-    h_B1D, logits_B1V = _rows(h_BTD, last_B).unsqueeze(1), _rows(logits_BTV, last_B).unsqueeze(1)
+    h_B1D = _rows(mtp_forward(model, 0, cache, hidden_BTD, next_ids_BT, pos_BT), last_B).unsqueeze(1)
     pos_B1 = (first_pos_B + last_B).unsqueeze(1)  # position of the module's current row
     drafts, qs = [], []
     seen = seen_BV.unsqueeze(1) if s.any_penalty else None
     for j in range(k):
         if j:  # the module again, on its own output and the token it just drafted, one position on
             pos_B1 = pos_B1 + 1
-            h_B1D, logits_B1V = mtp_forward(model, 0, kv, h_B1D, drafts[-1], pos_B1)
-        q = probabilities(logits_B1V, s, seen)
-        drafts.append(sample_from(q, s, pos_B1 + 2, DRAFT))
-        qs.append(q)
-    return torch.cat(drafts, dim=1), torch.cat(qs, dim=1)
+            h_B1D = mtp_forward(model, 0, cache, h_B1D, drafts[-1], pos_B1)
+        logits_B1V = mtp_logits(model, 0, h_B1D)
+        if s.all_greedy:
+            drafts.append(process_logits(logits_B1V, s, seen).argmax(dim=-1))
+        else:
+            qs.append(probabilities(logits_B1V, s, seen))
+            drafts.append(sample_from(qs[-1], s, pos_B1 + 2, DRAFT))
+    return torch.cat(drafts, dim=1), (torch.cat(qs, dim=1) if qs else None)
 
 
 def accept(p_BTV, q_BkV, drafts_Bk, s: SamplingBatch, pos_BT):
@@ -69,6 +74,9 @@ def accept(p_BTV, q_BkV, drafts_Bk, s: SamplingBatch, pos_BT):
     """
     B, T, V = p_BTV.shape
     k = T - 1
+    # greedy rows drafted the argmax: their q is one-hot (whatever the buffer holds from other rounds)
+    one_hot = torch.zeros_like(q_BkV).scatter_(-1, drafts_Bk.unsqueeze(-1), 1.0)
+    q_BkV = torch.where(s.temperature.view(-1, 1, 1) > 0, q_BkV, one_hot)
     p_draft = p_BTV[:, :k].gather(-1, drafts_Bk.unsqueeze(-1)).squeeze(-1)
     q_draft = q_BkV.gather(-1, drafts_Bk.unsqueeze(-1)).squeeze(-1)
     u = uniform_noise(s.seed, pos_BT[:, :k], ACCEPT, 1).squeeze(-1)
@@ -83,21 +91,36 @@ def accept(p_BTV, q_BkV, drafts_Bk, s: SamplingBatch, pos_BT):
     return n_accepted, tokens
 
 
-def speculative_step(model: DeepSeekModel, kv, seen_BV, pending_B, n_B, drafts_Bk, q_BkV, s: SamplingBatch):
-    """One verify-accept-draft round for B rows. pending_B is each row's sampled but unprocessed token,
-    at position n_B. Returns n_accepted (B,), tokens (B, k+1), the next drafts and their q, and seen."""
-    k = drafts_Bk.shape[1]
+def speculative_step(model: DeepSeekModel, kv, seen, drafts, q, pending_B, n_B, s: SamplingBatch, attend: int):
+    """One verify-accept-draft round for the first B slots (B = len(pending_B)).
+
+    kv, seen, drafts (slots, k) and q (slots, k, V) are the engine's whole buffers, used from slot 0
+    (see `decode.decode_step`); seen, drafts and q are updated in place for the next round (q only
+    when some row samples). pending_B is each row's sampled but unprocessed token, at position n_B.
+    Returns n_accepted (B,) and tokens (B, k+1), the accepted drafts then the resampled or bonus token.
+    """
+    B, k = pending_B.shape[0], drafts.shape[1]
+    cache = CacheView(kv, 0, attend)
+    drafts_Bk, seen_BV = drafts[:B], seen[:B]
     ids_BT = torch.cat((pending_B.unsqueeze(1), drafts_Bk), dim=1)
     pos_BT = n_B.unsqueeze(1) + torch.arange(k + 1, device=n_B.device)
-    hidden = model_forward(model, kv, ids_BT, pos_BT)
-    seen = None
+    hidden = model_forward(model, cache, ids_BT, pos_BT)
+    penalty_seen = None
     if s.any_penalty:  # the target at position j has also seen drafts 1..j-1
-        prefix = torch.zeros(*drafts_Bk.shape, seen_BV.shape[-1], device=n_B.device)
+        prefix = torch.zeros(B, k, seen.shape[-1], device=n_B.device)
         prefix = prefix.scatter(-1, drafts_Bk.unsqueeze(-1), 1.0).cummax(dim=1).values > 0
-        seen = seen_BV.unsqueeze(1) | torch.cat((torch.zeros_like(prefix[:, :1]), prefix), dim=1)
-    p = probabilities(model.lm_head(hidden), s, seen)
-    n_accepted, tokens = accept(p, q_BkV, drafts_Bk, s, pos_BT + 1)
+        penalty_seen = seen_BV.unsqueeze(1) | torch.cat((torch.zeros_like(prefix[:, :1]), prefix), dim=1)
+    logits = model.lm_head(hidden)
+    if s.all_greedy:  # a draft survives iff it is the target's argmax, which is then the output
+        tokens = process_logits(logits, s, penalty_seen).argmax(dim=-1)
+        n_accepted = (drafts_Bk == tokens[:, :k]).long().cumprod(dim=1).sum(dim=1)
+    else:
+        p = probabilities(logits, s, penalty_seen)
+        n_accepted, tokens = accept(p, q[:B], drafts_Bk, s, pos_BT + 1)
     valid = torch.arange(k + 1, device=n_B.device) <= n_accepted.unsqueeze(1)
     seen_BV = mark_seen(seen_BV, tokens, valid)
-    drafts_Bk, q_BkV = draft(model, kv, hidden, tokens, n_B, n_accepted, s, seen_BV, k)
-    return n_accepted, tokens, drafts_Bk, q_BkV, seen_BV
+    new_drafts, new_q = draft(model, cache, hidden, tokens, n_B, n_accepted, s, seen_BV, k)
+    seen[:B], drafts[:B] = seen_BV, new_drafts
+    if new_q is not None:
+        q[:B] = new_q
+    return n_accepted, tokens
