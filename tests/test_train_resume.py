@@ -90,3 +90,8 @@ def test_damaged_checkpoint_is_refused_and_previous_stays_usable(uninterrupted, 
     result = subprocess.run([sys.executable, "-m", "nanoseek.cli", "train", "--resume", str(previous)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(corpus, uninterrupted):
+    result = subprocess.run(train_command(corpus, uninterrupted), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "already holds checkpoints" in result.stderr and "--resume" in result.stderr

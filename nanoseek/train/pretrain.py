@@ -27,7 +27,8 @@ from ..data import (DataError, PackedLoader, TokenStream, corpus_fingerprint, it
 from ..model.params import count_parameters, human
 from ..model.transformer import build_model
 from ..tokenizer import Tokenizer, sample_texts
-from .checkpoint import USER_ERRORS, read_state, resolve_resume
+from ..checkpoint import CheckpointError
+from .checkpoint import USER_ERRORS, list_checkpoints, read_state, resolve_resume
 from .metrics import pick_dtype
 from .trainer import Settings, Trainer
 
@@ -133,6 +134,22 @@ def prepare_data(args, run_dir: Path, vocab_size: int) -> tuple[Tokenizer, Path]
     return tok, data_dir
 
 
+def fresh_run_dir(args) -> Path:
+    """--out, which must not hold another run's checkpoints; by default runs/<corpus>, or
+    runs/<corpus>-2, -3, ... when that one is taken, so a rerun never overwrites a finished run."""
+    if args.out:
+        if list_checkpoints(args.out):
+            raise CheckpointError(f"{args.out} already holds checkpoints of a run: continue it with --resume {args.out}, "
+                                  "or train into another --out")
+        return Path(args.out)
+    base = "stdlib" if args.corpus == "stdlib" else Path(str(resolve_corpus(args.corpus))).stem
+    run_dir, n = Path("runs") / base, 1
+    while list_checkpoints(run_dir):
+        n += 1
+        run_dir = Path("runs") / f"{base}-{n}"
+    return run_dir
+
+
 @torch.no_grad()
 def complete(model, tok: Tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> str:
     """Continue prompt (after <bos>) by sampling at temperature (0: greedy), recomputing the whole window each step."""
@@ -180,7 +197,7 @@ def _run(args) -> int:
         settings.dtype = pick_dtype(settings.dtype)
         if settings.steps is not None:
             settings.minutes = None
-        run_dir = Path(args.out or f"runs/{Path(str(resolve_corpus(args.corpus))).stem if args.corpus != 'stdlib' else 'stdlib'}")
+        run_dir = fresh_run_dir(args)
         base = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
         tok, data_dir = prepare_data(args, run_dir, args.vocab_size or base.vocab_size)
         config = model_config(args, tok.vocab_size, tok)

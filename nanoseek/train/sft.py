@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import CheckpointError
 from ..checkpoint import load as load_model
 from ..tokenizer import Tokenizer, TokenizerError
-from .checkpoint import USER_ERRORS, read_state, resolve_resume
+from .checkpoint import USER_ERRORS, list_checkpoints, read_state, resolve_resume
 from .pretrain import add_settings_arguments, settings_from_args
 from .metrics import pick_dtype
 from .trainer import IGNORE, Settings, Trainer
@@ -151,6 +152,9 @@ def _run(args) -> int:
         settings = settings_from_args(args)
         settings.dtype = pick_dtype(settings.dtype)
         init, data, run_dir, val_fraction = Path(args.init), args.data, Path(args.out), args.val_fraction
+        if list_checkpoints(run_dir):
+            raise CheckpointError(f"{run_dir} already holds checkpoints of a run: continue it with --resume {run_dir}, "
+                                  "or fine-tune into another --out")
     tok = Tokenizer.load(init)
     model = load_model(init, dtype=torch.float32)
     settings.mtp_depth = min(settings.mtp_depth, len(model.mtp))
