@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sentence token")
     parser.add_argument("--speculative", type=int, nargs="?", const=-1, default=0, metavar="K",
                         help="MTP speculative decoding with K draft tokens (default K: the model's MTP depth)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--compile", nargs="?", const="aot", choices=["aot", "dynamo"], default=False,
+                        help="compile the decode step: ahead of time (default) or with torch.compile")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="load the weights in this dtype")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--stats", action="store_true", help="print speed and speculation figures to stderr")

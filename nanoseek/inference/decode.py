@@ -5,8 +5,10 @@
 - `decode_step`: one new token per row through the absorbed form, sampling included, so a step
   is one compiled graph whose only output the host reads is the (B,) sampled ids.
 
-`compiled(fn)` wraps a step in torch.compile once per process, with dynamic shapes so that batch
-size and attended length can change between steps without recompiling.
+`run_step` runs a step compiled ahead of time (aot.py: torch.export + AOTInductor, no Dynamo per
+call), falling back to torch.compile (dynamic shapes: batch size and attended length change without
+recompiling) and then to eager, each with a warning. Both compiled paths use the inductor settings
+of COMPILE_OPTIONS.
 """
 
 import warnings
@@ -17,6 +19,7 @@ import torch
 from ..model.transformer import DeepSeekModel
 from .forward import CacheView, model_forward
 from .sampling import TARGET, SamplingBatch, sample
+from .aot import aot_call
 from .speculative import _rows, draft, mark_seen
 
 
@@ -25,13 +28,15 @@ def decode_step(model: DeepSeekModel, kv, seen, ids_B, pos_B, s: SamplingBatch, 
 
     kv and seen are the engine's whole buffers (layers, slots, max_len, R) and (slots, V): the step
     uses the first B slots and attends to `attend` positions, slicing inside the graph so the
-    compiled step always sees tensors of the same strides. seen gets the new tokens.
+    compiled step always sees tensors of the same strides. seen (the tokens of each sequence, for
+    the repetition penalty) gets the new tokens while some row uses a penalty.
     """
     B = ids_B.shape[0]
     hidden = model_forward(model, CacheView(kv, 0, attend), ids_B.unsqueeze(1), pos_B.unsqueeze(1))
     penalty_seen = seen[:B].unsqueeze(1) if s.any_penalty else None
     next_B = sample(model.lm_head(hidden), s, penalty_seen, pos_B.unsqueeze(1) + 1, TARGET).squeeze(1)
-    seen[torch.arange(B, device=ids_B.device), next_B] = True
+    if s.any_penalty:  # only rows with a penalty read seen, and such a row makes any_penalty true
+        seen[torch.arange(B, device=ids_B.device), next_B] = True
     return next_B
 
 
@@ -88,6 +93,7 @@ COMPILE_OPTIONS = {
         "cpu_max_first_dimension_decomposition": MOST_ROWS_DECOMPOSED,
     }},
 }
+AOT_OPTIONS = {k: v for k, v in COMPILE_OPTIONS.items() if k != "cpp_wrapper"}  # AOTInductor is C++ anyway
 
 
 def _decompose_wide_matmuls() -> None:
@@ -128,25 +134,51 @@ def _signature(args) -> tuple:
     return (tuple(key), torch.is_inference_mode_enabled(), torch.is_grad_enabled())
 
 
-def run_step(fn, *args, compile: bool = True):
-    """Call the step, compiled if asked; if compiling fails, warn once and decode eagerly for good.
+def run_step(fn, *args, compile: bool | str = True):
+    """Call a step, compiled if asked: ahead of time (aot.py), else torch.compile, else eagerly.
 
-    Dynamo checks a few hundred guards (every parameter, every input's shape) on each call, a tenth
-    of a batch-1 step. Once inputs of a given signature have passed them, later calls with the
-    same signature skip that check (`skip_guard_eval_unsafe`), which is safe exactly because the
-    signature pins down everything the guards test.
+    compile: False (eager), True or "aot" (ahead of time), "dynamo" (torch.compile only).
+
+    args are (model, *buffers, *per_row, sampling, attend) as `decode_step` and
+    `speculative_step` take them. Each compiled path that fails warns once and is not tried again.
     """
-    if not compile or _COMPILED.get(fn) is False:
+    if not compile:
         return fn(*args)
+    if compile not in (True, "aot", "dynamo"):
+        raise ValueError(f"compile must be False, True, 'aot' or 'dynamo', got {compile!r}")
+    if compile != "dynamo" and _FAILED.get((fn, "aot")) is None:
+        model, rest, s, attend = args[0], args[1:-2], args[-2], args[-1]
+        n = BUFFERS[fn.__name__]
+        try:
+            _decompose_wide_matmuls()
+            return aot_call(fn, model, rest[:n], rest[n:], s, attend, AOT_OPTIONS)
+        except Exception as e:
+            _fail(fn, "aot", e, "torch.compile")
+    if _FAILED.get((fn, "dynamo")) is None:
+        try:
+            return _dynamo_call(fn, args)
+        except Exception as e:  # inductor needs a working C++ compiler; eager is always available
+            _fail(fn, "dynamo", e, "eager")
+    return fn(*args)
+
+
+BUFFERS = {"decode_step": 2, "speculative_step": 4}  # leading args that are whole engine buffers
+_FAILED: dict = {}
+
+
+def _fail(fn, path: str, error: Exception, fallback: str) -> None:
+    _FAILED[(fn, path)] = error
+    warnings.warn(f"compiling {fn.__name__} ({path}) failed ({type(error).__name__}: {error}); using {fallback}")
+
+
+def _dynamo_call(fn, args):
+    """torch.compile path. Dynamo checks a few hundred guards (every parameter, every input's shape)
+    on each call; once inputs of a signature have passed them, later calls with the same signature
+    skip that check (`skip_guard_eval_unsafe`), safe because the signature pins down what they test."""
     key = (fn, _signature(args))
-    try:
-        if key in _WARM:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return compiled(fn)(*args)
-        out = compiled(fn)(*args)
-        _WARM.add(key)
-        return out
-    except Exception as e:  # inductor needs a working C++ compiler; eager is always available
-        warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); decoding eagerly")
-        _COMPILED[fn] = False
-        return fn(*args)
+    if key in _WARM:
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return compiled(fn)(*args)
+    out = compiled(fn)(*args)
+    _WARM.add(key)
+    return out

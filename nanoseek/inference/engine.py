@@ -132,20 +132,25 @@ class Request:
 
 class Engine:
     def __init__(self, model: DeepSeekModel, *, max_batch_size: int = 8, max_cached_tokens: int | None = None,
-                 max_seq_len: int | None = None, speculative: int = 0, compile: bool = False,
+                 max_seq_len: int | None = None, speculative: int = 0, compile: bool | str = False,
                  cache_dtype: torch.dtype | None = None):
         """
         max_seq_len: longest prompt + max_new_tokens one request may have (default: the model's
         max_position_embeddings); each of the max_batch_size cache slots holds that many tokens.
         max_cached_tokens: bound on the tokens all running requests may occupy together (default:
         every slot full). speculative: number of MTP draft tokens per step (0: plain decoding).
-        compile: torch.compile the decode step (falls back to eager with a warning if it fails).
+        compile: compile the decode step: True or "aot" ahead of time (torch.export + AOTInductor, the
+        fastest per step, one build per batch regime and sampling mode), "dynamo" with torch.compile
+        (dynamic shapes, fewer builds); a failed build falls back, with a warning, to torch.compile
+        and then to eager.
         """
         config = model.config
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if speculative < 0:
             raise ValueError(f"speculative (draft tokens per step) must be >= 0, got {speculative}")
+        if compile not in (False, True, "aot", "dynamo"):
+            raise ValueError(f"compile must be False, True, 'aot' or 'dynamo', got {compile!r}")
         if speculative and not config.num_nextn_predict_layers:
             raise ValueError("speculative decoding drafts with MTP modules, and this model has none "
                              "(num_nextn_predict_layers = 0)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from ..model.transformer import DeepSeekModel
-from .engine import ATTEND_BLOCK, Engine
+from .engine import Engine
 from .sampling import SamplingParams
 
 
@@ -21,7 +21,9 @@ def _engine_and_requests(model: DeepSeekModel, prompts, max_new_tokens, temperat
     draft_tokens = int(speculative) if not isinstance(speculative, bool) else (
         max(1, model.config.num_nextn_predict_layers) if speculative else 0)
     longest = max(len(p) for p in prompts) + max_new_tokens
-    max_seq_len = min(model.config.max_position_embeddings, -(-longest // ATTEND_BLOCK) * ATTEND_BLOCK)
+    # the cache length is rounded up to a power of two, so that calls of similar lengths share one
+    # compiled step (a compiled step is specialised to the cache's shape)
+    max_seq_len = min(model.config.max_position_embeddings, max(256, 1 << (longest - 1).bit_length()))
     engine = Engine(model, max_batch_size=len(prompts), max_seq_len=max_seq_len, speculative=draft_tokens,
                     compile=compile)
     requests = []
@@ -37,7 +39,7 @@ def stream(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int =
            top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
            seed: int | None = None, stop_token_ids: list[int] | None = None,
            stop: Callable[[list[int]], bool] | None = None, speculative: bool | int = False,
-           compile: bool = False) -> Iterator[tuple[int, list[int]]]:
+           compile: bool | str = False) -> Iterator[tuple[int, list[int]]]:
     """Yield (prompt index, new token ids) as each step produces them. Arguments as `generate`."""
     engine, requests = _engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
                                             repetition_penalty, seed, stop_token_ids, stop, speculative, compile)
@@ -54,14 +56,15 @@ def generate(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              seed: int | None = None, stop_token_ids: list[int] | None = None,
              stop: Callable[[list[int]], bool] | None = None, speculative: bool | int = False,
-             compile: bool = False, return_stats: bool = False):
+             compile: bool | str = False, return_stats: bool = False):
     """Continue each prompt (token-id lists of any lengths); returns the new token ids of each.
 
     stop_token_ids: None stops at the model's eos ids, [] never stops early; stop tokens are not
     included in the output. stop: a callable on the tokens so far (e.g. `text.StopStrings`).
     speculative: True drafts with the MTP modules (as many tokens as the model has modules), an int
     sets the draft length; greedy output is identical to plain decoding and sampled output has the
-    same distribution. compile: torch.compile the decode step (eager, with a warning, if it fails).
+    same distribution. compile: compile the decode step (True: ahead of time; "dynamo": torch.compile;
+    see `Engine`), eager with a warning if that fails.
     return_stats: also return the engine's counters (acceptance rate, tokens per forward, ...).
     """
     engine, requests = _engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,

@@ -117,10 +117,12 @@ def speculative_step(model: DeepSeekModel, kv, seen, drafts, q, pending_B, n_B, 
     else:
         p = probabilities(logits, s, penalty_seen)
         n_accepted, tokens = accept(p, q[:B], drafts_Bk, s, pos_BT + 1)
-    valid = torch.arange(k + 1, device=n_B.device) <= n_accepted.unsqueeze(1)
-    seen_BV = mark_seen(seen_BV, tokens, valid)
+    if s.any_penalty:  # as in decode_step, seen matters only to rows with a penalty
+        valid = torch.arange(k + 1, device=n_B.device) <= n_accepted.unsqueeze(1)
+        seen_BV = mark_seen(seen_BV, tokens, valid)
+        seen[:B] = seen_BV
     new_drafts, new_q = draft(model, cache, hidden, tokens, n_B, n_accepted, s, seen_BV, k)
-    seen[:B], drafts[:B] = seen_BV, new_drafts
+    drafts[:B] = new_drafts
     if new_q is not None:
         q[:B] = new_q
     return n_accepted, tokens
