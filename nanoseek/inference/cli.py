@@ -3,6 +3,7 @@
     nanoseek generate runs/stdlib/latest --prompt "def fib(n):" --max-new-tokens 100
     echo "To be, or not" | nanoseek generate runs/shakespeare/latest --temperature 0.8 --top-p 0.95
     nanoseek generate CKPT --chat --prompt "Hi!" --stop "\\n\\n" --speculative --stats
+    nanoseek generate runs/breast-vlm --image scan.png --prompt "What does this breast ultrasound show?"
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="folder or tokenizer.json (default: the checkpoint folder)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     parser.add_argument("--system", help="system message for --chat")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE",
+                        help="an image before the prompt text (repeatable; implies --chat; needs a vision-language model)")
     parser.add_argument("--no-bos", action="store_true", help="do not start a plain prompt with the bos token")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -58,9 +61,21 @@ def run(args) -> int:
         print(f"nanoseek generate: {e}", file=sys.stderr)
         return 2
     texts = args.prompt if args.prompt else [sys.stdin.read()]
-    prompts = []
+    prompts, images = [], []
     for text in texts:
-        if args.chat:
+        if args.image:  # a user turn holding the images, then the text
+            from ..image import ImageError, chat_prompt
+
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            content = [{"type": "image", "image": path} for path in args.image] + [{"type": "text", "text": text}]
+            try:
+                ids, row = chat_prompt(tokenizer, system + [{"role": "user", "content": content}], model.config)
+            except ImageError as e:
+                print(f"nanoseek generate: {e}", file=sys.stderr)
+                return 2
+            prompts.append(ids)
+            images.append(row)
+        elif args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             prompts.append(tokenizer.encode_chat(messages + [{"role": "user", "content": text}]))
         else:
@@ -73,8 +88,9 @@ def run(args) -> int:
         engine = Engine(model, max_batch_size=len(prompts), max_seq_len=min(longest, model.config.max_position_embeddings),
                         speculative=draft_tokens, compile=args.compile)
         stop = StopStrings(tokenizer.decode, args.stop) if args.stop else None
-        requests = [engine.submit(p, params, max_new_tokens=args.max_new_tokens, stop_token_ids=stop_ids, stop=stop)
-                    for p in prompts]
+        requests = [engine.submit(p, params, max_new_tokens=args.max_new_tokens, stop_token_ids=stop_ids, stop=stop,
+                                  images=images[i] if images else None)
+                    for i, p in enumerate(prompts)]
     except ValueError as e:
         print(f"nanoseek generate: {e}", file=sys.stderr)
         return 2

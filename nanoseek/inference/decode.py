@@ -42,8 +42,11 @@ def decode_step(model: DeepSeekModel, kv, seen, ids_B, pos_B, s: SamplingBatch, 
 
 @torch.inference_mode()
 def prefill(model: DeepSeekModel, cache: CacheView, seen_BV, prompts: list[list[int]], s: SamplingBatch,
-            draft_tokens: int = 0):
+            draft_tokens: int = 0, images: list[list] | None = None):
     """Run fresh prompts (lengths may differ) into the cache view's slots and sample each one's first token.
+
+    images: for each prompt, its preprocessed images (`vision.ImageInput`) in order, each already
+    expanded in the prompt to its run of image_token_id; they are merged into the embeddings.
 
     seen_BV rows are reset to the prompt's tokens plus the sampled one. Returns the first tokens (B,)
     and, with draft_tokens > 0, the MTP drafts (B, k) and their distributions (B, k, V).
@@ -55,7 +58,10 @@ def prefill(model: DeepSeekModel, cache: CacheView, seen_BV, prompts: list[list[
         ids_BT[b, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     lengths_B = torch.tensor([len(p) for p in prompts], device=device)
     pos_BT = torch.arange(T, device=device).expand(B, T)
-    hidden_BTD = model_forward(model, cache, ids_BT, pos_BT, plain=True)
+    embeds_BTD = None
+    if images and any(images):
+        embeds_BTD = model.embed_multimodal(ids_BT, [image for row in images for image in row or ()])
+    hidden_BTD = model_forward(model, cache, ids_BT, pos_BT, plain=True, embeds_BTD=embeds_BTD)
     last_B = lengths_B - 1
     seen_BV.zero_()
     valid_BT = pos_BT < lengths_B.unsqueeze(1)

@@ -44,13 +44,25 @@ from typing import Callable
 import torch
 
 from ..model.transformer import DeepSeekModel
+from ..model.vision import image_token_count
 from .cache import LatentCache
 from .decode import decode_step, prefill, run_step
 from .forward import CacheView
 from .sampling import SamplingBatch, SamplingParams
 from .speculative import speculative_step
 
-ATTEND_BLOCK = 64  # attended length grows in blocks, so most steps see the same shapes
+ATTEND_BLOCK = 64
+
+
+def check_image_prompt(model: DeepSeekModel, prompt: list[int], images: list) -> None:
+    """The prompt must hold exactly the image-token runs its images fill, and the model must see images."""
+    if model.vision is None:
+        raise ValueError("this model has no vision encoder (its config has no vision_config), so it takes no images")
+    slots = sum(1 for t in prompt if t == model.config.image_token_id)
+    needed = sum(image_token_count(model.vision.vcfg, image.tiles) for image in images)
+    if slots != needed:
+        raise ValueError(f"the prompt holds {slots} image-token positions but its {len(images)} image(s) fill {needed}; "
+                         "build it with nanoseek.image.chat_prompt")  # attended length grows in blocks, so most steps see the same shapes
 
 
 @dataclass
@@ -74,6 +86,7 @@ class Request:
     stop_token_ids: frozenset[int]
     stop: Callable[[list[int]], bool] | None = None
     on_event: Callable[[Event], None] | None = None
+    images: list | None = None  # preprocessed images (vision.ImageInput) whose runs the prompt holds
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
@@ -192,8 +205,11 @@ class Engine:
     # ---- any thread --------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams | None = None, *, max_new_tokens: int = 256,
                stop_token_ids=None, stop: Callable[[list[int]], bool] | None = None,
-               on_event: Callable[[Event], None] | None = None) -> Request:
-        """Queue a request; returns its handle at once. stop_token_ids None: the model's eos ids."""
+               on_event: Callable[[Event], None] | None = None, images: list | None = None) -> Request:
+        """Queue a request; returns its handle at once. stop_token_ids None: the model's eos ids.
+
+        images: the prompt's preprocessed images in order (`nanoseek.image.chat_prompt` gives the
+        prompt ids with each image's run of image_token_id, and the images)."""
         params = (params or SamplingParams()).with_seed()
         prompt = list(prompt)
         V = self.config.vocab_size
@@ -214,9 +230,12 @@ class Engine:
         stop_ids = self.config.eos_token_ids if stop_token_ids is None else list(stop_token_ids)
         if not all(isinstance(t, int) for t in stop_ids):
             raise ValueError(f"stop_token_ids must be integers, got {stop_ids!r}")
+        images = list(images or [])
+        if images:
+            check_image_prompt(self.model, prompt, images)
         with self._lock:
             request = Request(next(self._ids), prompt, params, max_new_tokens, frozenset(stop_ids), stop, on_event,
-                              _engine=self)
+                              images, _engine=self)
             self._waiting.append(request)
             self._wakeup.notify()
         return request
@@ -331,7 +350,7 @@ class Engine:
         cache = CacheView(self.cache.kv, B0, T + self.draft_tokens)  # recursive drafts run past the prompt
         s = SamplingBatch.from_params([r.params for r in admitted], self.seen.device)
         first, drafts, q = prefill(self.model, cache, self.seen[B0 : B0 + B], [r.prompt for r in admitted], s,
-                                   self.draft_tokens)
+                                   self.draft_tokens, [r.images for r in admitted])
         if self.draft_tokens:
             self.drafts[B0 : B0 + B] = drafts
             if q is not None:  # None when every new row is greedy: their q is implied by the draft

@@ -76,13 +76,14 @@ def block_forward(block: Block, layer: int, x, cos, sin, cache: CacheView, pos_B
 
 
 def model_forward(model: DeepSeekModel, cache: CacheView, ids_BT: torch.Tensor, pos_BT: torch.Tensor,
-                  plain: bool = False) -> torch.Tensor:
+                  plain: bool = False, embeds_BTD: torch.Tensor | None = None) -> torch.Tensor:
     """The main model over new tokens (B, T) at positions (B, T) -> final-normed hidden (B, T, D).
 
     Logits are `model.lm_head(hidden)`, left to the caller so that prefill pays for the head only
-    at each sequence's last position.
+    at each sequence's last position. embeds_BTD replaces the token embeddings (a prompt with
+    images, from `model.embed_multimodal`).
     """
-    x = model.embed(ids_BT)
+    x = model.embed(ids_BT) if embeds_BTD is None else embeds_BTD
     cos, sin = model.rotary(pos_BT)
     mask = None if plain else position_mask(pos_BT, cache.attend)
     for i, block in enumerate(model.model.layers):

@@ -15,9 +15,11 @@ from .sampling import SamplingParams
 
 
 def _engine_and_requests(model: DeepSeekModel, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                         repetition_penalty, seed, stop_token_ids, stop, speculative, compile):
+                         repetition_penalty, seed, stop_token_ids, stop, speculative, compile, images=None):
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
         raise ValueError("prompts must be a non-empty list of token-id lists (one per sequence)")
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"images must hold one list per prompt ({len(prompts)}), got {len(images)}")
     draft_tokens = int(speculative) if not isinstance(speculative, bool) else (
         max(1, model.config.num_nextn_predict_layers) if speculative else 0)
     longest = max(len(p) for p in prompts) + max_new_tokens
@@ -30,8 +32,8 @@ def _engine_and_requests(model: DeepSeekModel, prompts, max_new_tokens, temperat
     for i, prompt in enumerate(prompts):
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty,
                                 None if seed is None else seed + i)
-        requests.append(engine.submit(prompt, params, max_new_tokens=max_new_tokens,
-                                      stop_token_ids=stop_token_ids, stop=stop))
+        requests.append(engine.submit(prompt, params, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+                                      stop=stop, images=images[i] if images is not None else None))
     return engine, requests
 
 
@@ -39,10 +41,10 @@ def stream(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int =
            top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
            seed: int | None = None, stop_token_ids: list[int] | None = None,
            stop: Callable[[list[int]], bool] | None = None, speculative: bool | int = False,
-           compile: bool | str = False) -> Iterator[tuple[int, list[int]]]:
+           compile: bool | str = False, images: list[list] | None = None) -> Iterator[tuple[int, list[int]]]:
     """Yield (prompt index, new token ids) as each step produces them. Arguments as `generate`."""
     engine, requests = _engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                                            repetition_penalty, seed, stop_token_ids, stop, speculative, compile)
+                                            repetition_penalty, seed, stop_token_ids, stop, speculative, compile, images)
     index = {r.id: i for i, r in enumerate(requests)}
     while engine.has_work:
         engine.step()
@@ -56,7 +58,7 @@ def generate(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              seed: int | None = None, stop_token_ids: list[int] | None = None,
              stop: Callable[[list[int]], bool] | None = None, speculative: bool | int = False,
-             compile: bool | str = False, return_stats: bool = False):
+             compile: bool | str = False, return_stats: bool = False, images: list[list] | None = None):
     """Continue each prompt (token-id lists of any lengths); returns the new token ids of each.
 
     stop_token_ids: None stops at the model's eos ids, [] never stops early; stop tokens are not
@@ -66,9 +68,11 @@ def generate(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int
     same distribution. compile: compile the decode step (True: ahead of time; "dynamo": torch.compile;
     see `Engine`), eager with a warning if that fails.
     return_stats: also return the engine's counters (acceptance rate, tokens per forward, ...).
+    images: for a vision-language model, one list of preprocessed images per prompt, each prompt
+    holding their runs of image_token_id (build both with `nanoseek.image.chat_prompt`).
     """
     engine, requests = _engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                                            repetition_penalty, seed, stop_token_ids, stop, speculative, compile)
+                                            repetition_penalty, seed, stop_token_ids, stop, speculative, compile, images)
     engine.run_until_done()
     outputs = [r.result() for r in requests]
     return (outputs, engine.stats()) if return_stats else outputs
