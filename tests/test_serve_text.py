@@ -60,3 +60,14 @@ def test_a_possible_stop_string_start_is_held_back_until_it_cannot_be_one(tok):
             assert seen == "The quick "  # "brown" could still become "brown bear"
     assert seen == "The quick brown fox"
     assert stream.take(final=True) == ""
+
+
+def test_a_generation_ending_inside_a_character_keeps_its_bytes(tok):
+    """Generation can stop in the middle of a multi-byte character; the text then ends as a one-shot
+    decode ends it (a replacement character), instead of silently losing the bytes."""
+    ids = tok.encode("🚀")
+    assert len(ids) > 1  # the emoji's four bytes are more than one token of this small vocabulary
+    stream = TextDecoder(tok)
+    stream(ids[:-1])
+    text = stream.take() + stream.take(final=True)
+    assert text == tok.decode(ids[:-1]) and text.endswith("\ufffd")

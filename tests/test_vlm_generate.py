@@ -89,3 +89,48 @@ def test_generate_cli_takes_an_image(vlm, tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"not a picture")
     assert main(argv[:3] + [str(tmp_path / "bad.png")] + argv[4:]) == 2
     assert "not a readable image" in capsys.readouterr().err
+
+
+def test_server_answers_an_image_request(vlm, tmp_path):
+    """OpenAI-style image_url content parts reach the model: the reply is what generate() gives for the
+    same prompt and image, and a different image changes it; a broken image is a 400."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from nanoseek.serve.server import create_app
+    from nanoseek.serve.textgen import load_generator
+
+    model, tok = vlm
+    nanoseek.save(model, tmp_path / "vlm", extra_files=tok.files())
+    generator = load_generator(tmp_path / "vlm", max_batch_size=2, max_seq_len=256)
+    app = create_app(generator, model_name="vlm", accepts_images=True)
+
+    black, white = Image.new("RGB", (16, 16)), Image.new("RGB", (16, 16), (255, 255, 255))
+
+    def request(image):
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        return {"model": "vlm", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "What does this image show?"}]}]}
+
+    def expected(image):
+        messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                 {"type": "text", "text": "What does this image show?"}]}]
+        ids, row = chat_prompt(tok, messages, model.config)
+        return generate(model, [ids], max_new_tokens=6, stop_token_ids=[], images=[row])[0]
+
+    with TestClient(app) as client:
+        for image in (black, white):
+            reply = client.post("/v1/chat/completions", json=request(image))
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["message"]["content"] == tok.decode(expected(image), skip_special_tokens=True)
+            assert reply.json()["usage"]["completion_tokens"] == 6
+        assert expected(black) != expected(white)  # this random model's answer depends on the image
+        broken = request(black)
+        broken["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64,iVBORw0KGgo="
+        reply = client.post("/v1/chat/completions", json=broken)
+        assert reply.status_code == 400 and "error" in reply.json()
+        assert client.post("/v1/chat/completions", json=request(white)).status_code == 200  # and still serves

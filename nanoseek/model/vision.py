@@ -210,10 +210,18 @@ class ViTBlock(nn.Module):
         self.attn = Attention(vcfg)
         self.norm2 = nn.LayerNorm(vcfg.hidden_size, eps=vcfg.layer_norm_eps)
         self.mlp = Mlp(vcfg)
+        self.drop_path = 0.0  # stochastic depth while training, set by the trainer; no effect in eval
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self._maybe_drop(self.attn(self.norm1(x)))
+        return x + self._maybe_drop(self.mlp(self.norm2(x)))
+
+    def _maybe_drop(self, branch: torch.Tensor) -> torch.Tensor:
+        """Drop the whole residual branch for a random drop_path share of the images (rescaling the rest)."""
+        if not self.training or self.drop_path == 0.0:
+            return branch
+        keep = torch.rand(branch.shape[0], 1, 1, device=branch.device) >= self.drop_path
+        return branch * keep.to(branch.dtype) / (1.0 - self.drop_path)
 
 
 class VisionTransformer(nn.Module):

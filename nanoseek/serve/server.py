@@ -141,7 +141,7 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
                            param=param, code="context_length_exceeded")
         return body.max_new_tokens
 
-    def submit(body, prompts: list[list[int]], param: str) -> "_Batch":
+    def submit(body, prompts: list[list[int]], param: str, images: list[list] | None = None) -> "_Batch":
         if any(not p for p in prompts):
             raise APIError(400, f"{param}: the prompt is empty", param=param)
         vocab = engine.config.vocab_size
@@ -154,7 +154,8 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
             raise APIError(429, f"the server is busy: more than {max_queue} requests are waiting; retry later",
                            type="rate_limit_error", code="queue_full")
         return _Batch(generator, metrics, inbox, [
-            dict(prompt_ids=p, params=sampling(body, i), max_tokens=m, stop=body.stop_strings, ignore_eos=body.ignore_eos)
+            dict(prompt_ids=p, params=sampling(body, i), max_tokens=m, stop=body.stop_strings, ignore_eos=body.ignore_eos,
+                 images=images[i] if images else None)
             for i, (p, m) in enumerate(zip(prompts, max_tokens))])
 
     @app.post("/v1/chat/completions")
@@ -172,10 +173,7 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_image") from None
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        if images:  # decoded and checked, but Engine.submit takes token ids only so far
-            raise APIError(400, "this model takes images, but the serving engine cannot pass them to it yet",
-                           param="messages", code="images_not_supported")
-        batch = submit(body, [prompt_ids], "messages")
+        batch = submit(body, [prompt_ids], "messages", images=[images])
         return await respond(request, body, batch, chat=True)
 
     @app.post("/v1/completions")

@@ -33,6 +33,7 @@ class TextDecoder:
         self._tokens = 0  # tokens decoded so far
         self._checked = 0  # text[:_checked] has been searched for stop strings
         self._sent = 0  # text[:_sent] has been handed out
+        self._all_tokens: list[int] = []
 
     def __call__(self, tokens: list[int]) -> bool:
         """The engine's stop callable: decode the new tokens; True once a stop string appeared."""
@@ -41,6 +42,7 @@ class TextDecoder:
             if piece:
                 self.text += piece
         self._tokens = len(tokens)
+        self._all_tokens = tokens
         if self.stop and self.stopped_at is None:
             # a match may straddle old and new text, so search from just before the new text
             start = max(0, self._checked - max(map(len, self.stop)) + 1)
@@ -52,6 +54,12 @@ class TextDecoder:
 
     def take(self, final: bool = False) -> str:
         """The text not yet handed out: all of it when final, else up to any possible stop-string start."""
+        if final and self.stopped_at is None:
+            # the stream decoder holds back bytes of an unfinished UTF-8 character; at the end they are
+            # text too (replacement characters, as a one-shot decode gives them)
+            whole = self.tokenizer.decode(self._all_tokens, skip_special_tokens=True)
+            if len(whole) > len(self.text) and whole.startswith(self.text):
+                self.text = whole
         end = len(self.text) if self.stopped_at is None else self.stopped_at
         if not final and self.stopped_at is None:
             end -= self._held_back()
@@ -100,9 +108,11 @@ class TextGenerator:
         return self.engine.max_seq_len
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int, stop: list[str] = (),
-               ignore_eos: bool = False, on_text: Callable[[str, Event], None] | None = None) -> Generation:
+               ignore_eos: bool = False, on_text: Callable[[str, Event], None] | None = None,
+               images: list | None = None) -> Generation:
         """Queue a generation. on_text(delta, event) is called on the engine thread after each of its
-        steps (delta may be empty while text is held back); the last call has event.finished set."""
+        steps (delta may be empty while text is held back); the last call has event.finished set.
+        images: the prompt's preprocessed images, in the order of its image-token runs."""
         text = TextDecoder(self.tokenizer, stop)
 
         def on_event(event: Event) -> None:
@@ -111,7 +121,7 @@ class TextGenerator:
                 on_text(delta, event)
 
         request = self.engine.submit(prompt_ids, params, max_new_tokens=max_tokens, stop=text, on_event=on_event,
-                                     stop_token_ids=[] if ignore_eos else self.stop_token_ids)
+                                     stop_token_ids=[] if ignore_eos else self.stop_token_ids, images=images)
         return Generation(request, text)
 
 

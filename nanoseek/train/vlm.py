@@ -215,6 +215,9 @@ def run_training(args) -> dict:
     train, val, task = load_data(args)
     model, tok = build_vlm(args, data_texts(train))
     vcfg = VisionConfig.from_dict(model.config.vision_config)
+    blocks = model.vision.encoder.blocks
+    for i, block in enumerate(blocks):  # stochastic depth grows linearly with depth, as DeiT trains ViTs
+        block.drop_path = args.drop_path * i / max(1, len(blocks) - 1)
     generator = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -296,6 +299,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=180)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth of the last vision block (0: off)")
     g.add_argument("--bias-update-rate", type=float, default=1e-3, help="router bias step (DeepSeek-V3's gamma)")
     g.add_argument("--balance", choices=("val", "classes", "none"), default="val",
                    help="sample classes as often as in the val split (default), equally often, or as the train split has them")
