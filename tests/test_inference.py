@@ -188,6 +188,24 @@ def test_compiled_decode_matches_eager(model):
     assert compiled == eager
 
 
+def test_compiled_padded_batch_matches_eager(model):
+    """Compiled steps run at a power-of-two batch: three rows run padded to four in the free slot, and
+    a fourth request that later joins into that slot gets the tokens it gets alone."""
+    pytest.importorskip("torch._inductor")
+    from nanoseek.inference import Engine
+
+    late = [40, 41, 42, 43, 44]
+    alone = [nanoseek.generate(model, [p], n, stop_token_ids=[])[0] for p, n in zip(PROMPTS + [late], (10, 10, 10, 7))]
+    engine = Engine(model, max_batch_size=4, max_seq_len=64, compile=True)
+    with _no_fallback_warning():
+        requests = [engine.submit(p, max_new_tokens=10, stop_token_ids=[]) for p in PROMPTS]
+        for _ in range(3):
+            engine.step()
+        requests.append(engine.submit(late, max_new_tokens=7, stop_token_ids=[]))
+        engine.run_until_done()
+    assert [r.result() for r in requests] == alone
+
+
 class _no_fallback_warning:
     """Fails the test if the compiled path fell back to eager."""
 

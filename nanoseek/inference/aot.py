@@ -5,11 +5,14 @@ call, about a third of a batch-1 step on the `tiny` config. An exported step is 
 with the weights baked in: a call is one trip into C++, and the runner itself checks that inputs
 fit the shapes it was compiled for. The same inductor kernels run either way.
 
-One artifact per step function, model, sampling flags and batch regime: batch 1 is compiled with
-every shape known (so its single-row matmuls become fused kernels, see decode.COMPILE_OPTIONS);
-larger batches share one artifact with a symbolic batch size. The attended length is symbolic
-everywhere; it reaches the graph as the length of a dummy `span` tensor, since an exported program
-takes tensors, not integers.
+One artifact per step function, model, sampling flags and batch size, with the batch padded up to
+a power of two (capped at the engine's slots): a server's batch sizes come and go, and each new
+artifact costs seconds to build. With the batch known, small matmuls become fused kernels (see
+decode.AOT_MOST_ROWS_DECOMPOSED), which made batch 8 twice as fast as one artifact with a symbolic
+batch. Padding rows copy row 0's inputs and run in free cache slots (slots past the batch are
+never read before a prefill or a decode writes them), and their outputs are dropped. The attended
+length is symbolic; it reaches the graph as the length of a dummy `span` tensor, since an
+exported program takes tensors, not integers.
 """
 
 from __future__ import annotations
@@ -50,31 +53,46 @@ def _directory() -> str:
     return _DIR
 
 
-def aot_call(fn, model: nn.Module, buffers: tuple, per_row: tuple, s: SamplingBatch, attend: int, options: dict):
+def padded_batch(B: int, slots: int) -> int:
+    """The batch size an artifact is compiled for: the next power of two, at most the slots."""
+    return min(1 << (B - 1).bit_length(), slots)
+
+
+def aot_call(fn, model: nn.Module, buffers: tuple, per_row: tuple, s: SamplingBatch, attend: int, options):
     """fn(model, *buffers, *per_row, s, attend) through its AOTInductor artifact (compiled on first use).
 
-    buffers are whole engine buffers (fixed shapes, mutated in place); per_row tensors have the
-    batch as their first dimension.
+    buffers are whole engine buffers (fixed shapes, mutated in place; dimension 1 of the first is
+    the slots); per_row tensors have the batch as their first dimension, as have the outputs.
+    options(batch) gives the inductor options of an artifact for that batch size.
     """
     B = per_row[0].shape[0]
+    padded = padded_batch(B, buffers[0].shape[1])
     flags = (s.all_greedy, s.any_filter, s.any_penalty)
     shapes = tuple((tuple(t.shape), t.dtype) for t in buffers)
-    key = (fn, weakref.ref(model), flags, B == 1, shapes)
-    runner = _ARTIFACTS.get(key)
-    sampling = tuple(s[:6])
+    key = (fn, weakref.ref(model), flags, padded, shapes)
+    rows = tuple(_pad(t, padded) for t in (*per_row, *s[:6]))
     span = torch.empty(attend, dtype=torch.int8, device=per_row[0].device)
-    args = (span, *buffers, *per_row, *sampling)
+    args = (span, *buffers, *rows)
+    runner = _ARTIFACTS.get(key)
     if runner is None:
-        runner = _ARTIFACTS[key] = _compile(fn, model, flags, buffers, per_row, sampling, span, B, options)
-    return runner(*args)
+        runner = _ARTIFACTS[key] = _compile(fn, model, flags, args, options(padded))
+    out = runner(*args)  # the step's own output structure: a tensor or a tuple of them
+    if padded == B:
+        return out
+    return out[:B] if isinstance(out, torch.Tensor) else tuple(t[:B] for t in out)
 
 
-def _compile(fn, model, flags, buffers, per_row, sampling, span, B, options):
-    max_len = buffers[0].shape[2]
+def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t with row 0 repeated at the end up to `rows` rows."""
+    if t.shape[0] == rows:
+        return t
+    return torch.cat((t, t[:1].expand(rows - t.shape[0], *t.shape[1:])))
+
+
+def _compile(fn, model, flags, args, options):
+    max_len = args[1].shape[2]  # of the cache, (layers, slots, max_len, R)
     S = torch.export.Dim("attend", min=2, max=max_len - 1)
-    batch = None if B == 1 else {0: torch.export.Dim("batch", min=2, max=buffers[0].shape[1])}
-    dynamic = ({0: S}, (*([None] * len(buffers)), *([batch] * (len(per_row) + len(sampling)))))  # (span, *args)
-    args = (span, *buffers, *per_row, *sampling)
+    dynamic = ({0: S}, (None,) * (len(args) - 1))  # (span, *args): everything but the attended length static
     path = f"{_directory()}/{fn.__name__}-{len(_ARTIFACTS)}.pt2"
     with warnings.catch_warnings():  # torch's own pytree deprecation notice, nothing we can act on
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)

@@ -86,7 +86,20 @@ _WARM: set = set()  # (step, input signature) pairs that already ran once with a
 # and sum that inductor fuses with its neighbours, instead of a oneDNN call per weight; together
 # they halve the batch-1 step on the `tiny` config (benchmarks/decode.py).
 WIDEST_DECOMPOSED = 1 << 18
-MOST_ROWS_DECOMPOSED = 4  # a speculative verify of up to 3 drafts at batch 1
+MOST_ROWS_DECOMPOSED = 4  # torch.compile path: a speculative verify of up to 3 drafts at batch 1
+# Ahead-of-time steps are compiled for a fixed batch (aot.py pads to a power of two), so every
+# matmul's row count is known: up to this many rows they are decomposed too. At 8, 16 and 32 rows
+# this made batched decode 1.3-2x faster on `tiny` than oneDNN matmuls over a symbolic batch
+# (benchmarks/decode.py); the limit is set per artifact to its own row count, since a higher
+# limit than the step's rows slowed it down.
+AOT_MOST_ROWS_DECOMPOSED = 32
+
+
+def _decomposition(rows: int) -> dict:
+    return {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": WIDEST_DECOMPOSED,
+                                  "cpu_max_first_dimension_decomposition": rows}}
+
+
 COMPILE_OPTIONS = {
     "cpp_wrapper": True,
     # single-threaded kernels: a decode step's loops are microseconds long, so splitting them over
@@ -94,27 +107,33 @@ COMPILE_OPTIONS = {
     # spinning thread waits for a descheduled one (extern matmuls still use torch's threads)
     "cpp.threads": 1,
     # the limits are also here so that inductor's compile cache tells settings apart
-    "post_grad_fusion_options": {"decompose_mm_pass": {
-        "cpu_max_other_dimension_decomposition": WIDEST_DECOMPOSED,
-        "cpu_max_first_dimension_decomposition": MOST_ROWS_DECOMPOSED,
-    }},
+    "post_grad_fusion_options": _decomposition(MOST_ROWS_DECOMPOSED),
 }
 AOT_OPTIONS = {k: v for k, v in COMPILE_OPTIONS.items() if k != "cpp_wrapper"}  # AOTInductor is C++ anyway
 
 
-def _decompose_wide_matmuls() -> None:
+def _decompose_wide_matmuls(rows: int = MOST_ROWS_DECOMPOSED) -> None:
     """Let decompose_mm_pass take matrices wider than its 2048 default (left to oneDNN, the output
-    head, 4096 wide on `tiny`, alone costs as much as the rest of the step) and up to 4 rows instead
-    of 1 (a speculative verify). Inductor reads the limits from module constants, so they are set
-    there (and skipped if a later torch moves them). Only shapes known when compiling qualify: the
-    batch-1 decode and a verify whose draft count is marked static."""
+    head, 4096 wide on `tiny`, alone costs as much as the rest of the step) and up to `rows` rows
+    instead of 1 (a speculative verify, a batch). Inductor reads the limits from module constants,
+    so they are set there (and skipped if a later torch moves them). Only shapes known when
+    compiling qualify."""
     try:
         from torch._inductor.fx_passes import decompose_mem_bound_mm
     except ImportError:
         return
     if hasattr(decompose_mem_bound_mm, "cpu_max_other_dimension_decomposition"):
         decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = WIDEST_DECOMPOSED
-        decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = MOST_ROWS_DECOMPOSED
+        decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = rows
+
+
+def _aot_options(tokens_per_row: int):
+    """Inductor options (set up for the compile about to run) of an artifact for a given batch size."""
+    def options(batch: int) -> dict:
+        rows = min(batch * tokens_per_row, AOT_MOST_ROWS_DECOMPOSED)
+        _decompose_wide_matmuls(rows)
+        return {**AOT_OPTIONS, "post_grad_fusion_options": _decomposition(rows)}
+    return options
 
 
 def compiled(fn):
@@ -156,8 +175,8 @@ def run_step(fn, *args, compile: bool | str = True):
         model, rest, s, attend = args[0], args[1:-2], args[-2], args[-1]
         n = BUFFERS[fn.__name__]
         try:
-            _decompose_wide_matmuls()
-            return aot_call(fn, model, rest[:n], rest[n:], s, attend, AOT_OPTIONS)
+            tokens_per_row = 1 if n == 2 else rest[2].shape[1] + 1  # a verify: k drafts + 1 per row
+            return aot_call(fn, model, rest[:n], rest[n:], s, attend, _aot_options(tokens_per_row))
         except Exception as e:
             _fail(fn, "aot", e, "torch.compile")
     if _FAILED.get((fn, "dynamo")) is None:
