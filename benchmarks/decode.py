@@ -175,7 +175,8 @@ def main() -> int:
             out = hf(torch.tensor(prompts[:1]), use_cache=True)
         layer = (getattr(out, "cache", None) or out.past_key_values).layers[0]
         hf_bytes = sum(t[0, :, 0].numel() * t.element_size() for t in (layer.keys, layer.values))
-        print(f"transformers' cache, measured: {hf_bytes} bytes per token per layer")
+        print(f"transformers' cache, measured: {hf_bytes} bytes per token per layer (keys {tuple(layer.keys.shape)}, "
+              f"values {tuple(layer.values.shape)} for a {len(prompts[0])}-token prompt)")
     if tmp is not None:
         tmp.cleanup()
     return 0
