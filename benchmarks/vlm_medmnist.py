@@ -27,13 +27,15 @@ BASELINES = {"breastmnist": (0.863, "ResNet-18 (28)"), "pneumoniamnist": (0.946,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="after --: more train-vlm flags")
     parser.add_argument("data", nargs="+", help="MedMNIST 2D .npz files")
     parser.add_argument("--runs", default="runs", help="folder for the checkpoints")
     parser.add_argument("--max-minutes", type=float, default=20.0)
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train-vlm flags")
-    args = parser.parse_args()
-    extra = [a for a in args.extra if a != "--"]
+    # everything after a lone "--" goes to train-vlm unchanged (argparse would take it as more data files)
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    extra = argv[cut + 1:]
     rows = []
     for data in args.data:
         name = Path(data).name.split(".")[0]
