@@ -139,16 +139,18 @@ def load_generator(path, *, dtype: str | None = None, max_batch_size: int = 8, m
                          f"{model.config.vocab_size}: they do not belong together")
     engine = Engine(model, max_batch_size=max_batch_size, max_cached_tokens=max_cached_tokens,
                     max_seq_len=max_seq_len, speculative=speculative, compile=compile)
-    # warm up before the first client: one request; when compiling, also batches of two, greedy and
-    # sampled, running past an attention block, so the compiled step has met a batch size > 1, a
-    # growing attended length and both sampling paths (each new one costs a compile, tens of seconds)
+    # warm up before the first client: one request; when compiling, every batch size a compiled step
+    # is built for (powers of two up to max_batch_size, see inference/aot.py), greedy and sampled,
+    # running past an attention block, so clients never wait for a build (each costs seconds)
     ids = tokenizer.encode("Hello", bos=True)
     engine.submit(ids, max_new_tokens=2)
     engine.run_until_done()
     if compile:
         n = min(ATTEND_BLOCK + 2, engine.max_seq_len - len(ids))
+        sizes = sorted({min(1 << i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
         for params in (SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9, seed=0)):
-            for _ in range(2):
-                engine.submit(ids, params, max_new_tokens=n, stop_token_ids=[])
-            engine.run_until_done()
+            for size in sizes:
+                for _ in range(size):
+                    engine.submit(ids, params, max_new_tokens=n, stop_token_ids=[])
+                engine.run_until_done()
     return TextGenerator(engine, tokenizer)
