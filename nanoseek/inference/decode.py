@@ -175,7 +175,7 @@ def run_step(fn, *args, compile: bool | str = True):
         model, rest, s, attend = args[0], args[1:-2], args[-2], args[-1]
         n = BUFFERS[fn.__name__]
         try:
-            tokens_per_row = 1 if n == 2 else rest[2].shape[1] + 1  # a verify: k drafts + 1 per row
+            tokens_per_row = 1 if fn is decode_step else rest[2].shape[1] + 1  # a verify: k drafts + 1 per row
             return aot_call(fn, model, rest[:n], rest[n:], s, attend, _aot_options(tokens_per_row))
         except Exception as e:
             _fail(fn, "aot", e, "torch.compile")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..inference.aot import padded_batch
 from ..inference.engine import ATTEND_BLOCK, Engine, Event, Request
 from ..inference.sampling import SamplingParams
 from ..tokenizer import Tokenizer
@@ -147,7 +148,7 @@ def load_generator(path, *, dtype: str | None = None, max_batch_size: int = 8, m
     engine.run_until_done()
     if compile:
         n = min(ATTEND_BLOCK + 2, engine.max_seq_len - len(ids))
-        sizes = sorted({min(1 << i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
+        sizes = sorted({padded_batch(b, max_batch_size) for b in range(1, max_batch_size + 1)})
         for params in (SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9, seed=0)):
             for size in sizes:
                 for _ in range(size):
