@@ -206,6 +206,22 @@ def test_compiled_padded_batch_matches_eager(model):
     assert [r.result() for r in requests] == alone
 
 
+def test_compiled_steps_read_the_models_current_weights(model):
+    """A compiled step holds no copy of the weights: after an in-place update (a training step, a
+    new checkpoint loaded into the same model) it computes with the new ones, as eager does."""
+    pytest.importorskip("torch._inductor")
+    import copy
+
+    model = copy.deepcopy(model)
+    with _no_fallback_warning():
+        before = nanoseek.generate(model, PROMPTS[:1], 8, stop_token_ids=[], compile=True)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        after = nanoseek.generate(model, PROMPTS[:1], 8, stop_token_ids=[], compile=True)
+    assert after == nanoseek.generate(model, PROMPTS[:1], 8, stop_token_ids=[]) and after != before
+
+
 class _no_fallback_warning:
     """Fails the test if the compiled path fell back to eager."""
 

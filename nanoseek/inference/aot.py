@@ -1,9 +1,11 @@
 """Decode steps compiled ahead of time with AOTInductor (torch.export + inductor), called without Dynamo.
 
 torch.compile checks its guards and rebuilds the graph's argument list (every parameter) on each
-call, about a third of a batch-1 step on the `tiny` config. An exported step is a C++ function
-with the weights baked in: a call is one trip into C++, and the runner itself checks that inputs
-fit the shapes it was compiled for. The same inductor kernels run either way.
+call, about a third of a batch-1 step on the `tiny` config. An exported step is a C++ function:
+a call is one trip into C++, and the runner itself checks that inputs fit the shapes it was
+compiled for. The same inductor kernels run either way. The artifact is built without the weights
+and handed the model's own tensors (user-managed constants): no copy of the model per artifact,
+and a step sees in-place weight updates (a training loop generating with its current policy).
 
 One artifact per step function, model, sampling flags and batch size, with the batch padded up to
 a power of two (capped at the engine's slots): a server's batch sizes come and go, and each new
@@ -97,5 +99,11 @@ def _compile(fn, model, flags, args, options):
     with warnings.catch_warnings():  # torch's own pytree deprecation notice, nothing we can act on
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         exported = torch.export.export(_Step(fn, model, flags), args, dynamic_shapes=dynamic, strict=False)
+        options = {**options, "aot_inductor.package_constants_in_so": False}
         package = torch._inductor.aoti_compile_and_package(exported, package_path=path, inductor_configs=options)
-        return torch._inductor.aoti_load_package(package)
+        runner = torch._inductor.aoti_load_package(package)
+    # the artifact holds no weights: it reads the model's own tensors, not a copy taken at build time
+    constants = {**exported.state_dict, **exported.constants}
+    runner.load_constants({name: constants[name] for name in runner.get_constant_fqns()},
+                          check_full_update=True, user_managed=True)
+    return runner
