@@ -62,11 +62,11 @@ def run(args) -> int:
         return 2
     texts = args.prompt if args.prompt else [sys.stdin.read()]
     prompts, images = [], []
+    system = [{"role": "system", "content": args.system}] if args.system else []
     for text in texts:
         if args.image:  # a user turn holding the images, then the text
             from ..image import ImageError, chat_prompt
 
-            system = [{"role": "system", "content": args.system}] if args.system else []
             content = [{"type": "image", "image": path} for path in args.image] + [{"type": "text", "text": text}]
             try:
                 ids, row = chat_prompt(tokenizer, system + [{"role": "user", "content": content}], model.config)
@@ -76,8 +76,7 @@ def run(args) -> int:
             prompts.append(ids)
             images.append(row)
         elif args.chat:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            prompts.append(tokenizer.encode_chat(messages + [{"role": "user", "content": text}]))
+            prompts.append(tokenizer.encode_chat(system + [{"role": "user", "content": text}]))
         else:
             prompts.append(tokenizer.encode(text, bos=not args.no_bos and tokenizer.bos_id is not None))
     stop_ids = [] if args.ignore_eos else sorted({*model.config.eos_token_ids, *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])})

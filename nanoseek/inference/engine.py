@@ -51,7 +51,7 @@ from .forward import CacheView
 from .sampling import SamplingBatch, SamplingParams
 from .speculative import speculative_step
 
-ATTEND_BLOCK = 64
+ATTEND_BLOCK = 64  # attended length grows in blocks, so most steps see the same shapes
 
 
 def check_image_prompt(model: DeepSeekModel, prompt: list[int], images: list) -> None:
@@ -62,7 +62,7 @@ def check_image_prompt(model: DeepSeekModel, prompt: list[int], images: list) ->
     needed = sum(image_token_count(model.vision.vcfg, image.tiles) for image in images)
     if slots != needed:
         raise ValueError(f"the prompt holds {slots} image-token positions but its {len(images)} image(s) fill {needed}; "
-                         "build it with nanoseek.image.chat_prompt")  # attended length grows in blocks, so most steps see the same shapes
+                         "build it with nanoseek.image.chat_prompt")
 
 
 @dataclass
@@ -153,7 +153,7 @@ class Engine:
         max_cached_tokens: bound on the tokens all running requests may occupy together (default:
         every slot full). speculative: number of MTP draft tokens per step (0: plain decoding).
         compile: compile the decode step: True or "aot" ahead of time (torch.export + AOTInductor, the
-        fastest per step, one build per batch regime and sampling mode), "dynamo" with torch.compile
+        fastest per step, one build per batch size rounded up to a power of two and per sampling mode), "dynamo" with torch.compile
         (dynamic shapes, fewer builds); a failed build falls back, with a warning, to torch.compile
         and then to eager.
         """
