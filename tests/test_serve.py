@@ -259,11 +259,15 @@ def test_chat_page_streams_an_answer_in_chromium(server, client):
             page.fill("#temperature", "0")
             page.fill("#max-tokens", "96")
             page.fill("#input", "Hello, who are you?")
+            # count how many times the answer's text changes while it arrives; watching the log from
+            # before sending, since a fast server can finish before the answer's element is found
+            page.evaluate("""() => { window.updates = 0; new MutationObserver(records => {
+                for (const r of records) {
+                    const node = r.target.nodeType === Node.TEXT_NODE ? r.target.parentElement : r.target;
+                    if (node && node.closest('.msg.assistant')) window.updates++;
+                } }).observe(document.getElementById('log'), {childList: true, characterData: true, subtree: true}); }""")
             page.press("#input", "Enter")
-            # count how many times the answer's text changes while it arrives
             page.wait_for_selector(".msg.assistant")
-            page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
-                .observe(document.querySelector('.msg.assistant'), {childList: true, characterData: true, subtree: true}); }""")
             page.wait_for_function("document.getElementById('send').textContent === 'Send'", timeout=30_000)
             answer, stats = page.text_content(".msg.assistant"), page.text_content("#stats")
             updates = page.evaluate("window.updates")
