@@ -222,8 +222,36 @@ def test_compiled_steps_read_the_models_current_weights(model):
     assert after == nanoseek.generate(model, PROMPTS[:1], 8, stop_token_ids=[]) and after != before
 
 
+def test_compiled_steps_are_kept_on_disk_and_reloaded(model):
+    """A built step is written to the cache folder; a new process (here: the in-memory table emptied,
+    building forbidden) loads it from there, bound to the model it is given, with the same tokens."""
+    pytest.importorskip("torch._inductor")
+    import copy
+
+    from nanoseek.inference import aot, decode
+
+    with _no_fallback_warning():
+        first = nanoseek.generate(model, PROMPTS[:1], 8, stop_token_ids=[], compile=True)
+    assert list(aot.cache_dir().glob("decode_step-*.pt2"))
+
+    def no_build(*args):
+        raise AssertionError("built again instead of loading from the cache")
+
+    saved_artifacts, saved_compile = dict(aot._ARTIFACTS), aot._compile
+    aot._ARTIFACTS.clear()
+    aot._compile = no_build
+    try:
+        with _no_fallback_warning():
+            again = nanoseek.generate(copy.deepcopy(model), PROMPTS[:1], 8, stop_token_ids=[], compile=True)
+    finally:
+        aot._compile = saved_compile
+        aot._ARTIFACTS.update(saved_artifacts)
+        decode._FAILED.clear()  # had it failed, the failure must not turn compiling off for later tests
+    assert again == first
+
+
 class _no_fallback_warning:
-    """Fails the test if the compiled path fell back to eager."""
+    """Fails the test if a compiled path failed and the step fell back (to torch.compile or eager)."""
 
     def __enter__(self):
         import warnings
@@ -234,5 +262,5 @@ class _no_fallback_warning:
 
     def __exit__(self, *exc):
         self._catch.__exit__(*exc)
-        fallbacks = [str(w.message) for w in self._records if "decoding eagerly" in str(w.message)]
+        fallbacks = [str(w.message) for w in self._records if str(w.message).startswith("compiling ")]
         assert not fallbacks, fallbacks

@@ -15,15 +15,25 @@ batch. Padding rows copy row 0's inputs and run in free cache slots (slots past 
 never read before a prefill or a decode writes them), and their outputs are dropped. The attended
 length is symbolic; it reaches the graph as the length of a dummy `span` tensor, since an
 exported program takes tensors, not integers.
+
+Built artifacts are also kept on disk, in $NANOSEEK_CACHE/aot (default ~/.cache/nanoseek/aot;
+NANOSEEK_CACHE=off keeps nothing), under a hash of everything that shapes the compiled code: the
+step, the model's config and dtypes, the sampling flags, the batch, the buffers' shapes, the
+inductor options, torch's version, the CPU's instruction set and nanoseek's own source. A second
+`serve --compile` of the same model starts in seconds instead of minutes. Weights never go there.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
+import os
 import shutil
 import tempfile
 import warnings
 import weakref
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,6 +65,39 @@ def _directory() -> str:
     return _DIR
 
 
+def cache_dir() -> Path | None:
+    """Where artifacts are kept across processes, or None when NANOSEEK_CACHE is "off"."""
+    root = os.environ.get("NANOSEEK_CACHE", "").strip()
+    if root.lower() in ("off", "0", "none"):
+        return None
+    return Path(root or Path.home() / ".cache" / "nanoseek").expanduser() / "aot"
+
+
+_SOURCE_DIGEST: str | None = None
+
+
+def _source_digest() -> str:
+    """A hash of nanoseek's Python source: a changed model or step must never load an old artifact."""
+    global _SOURCE_DIGEST
+    if _SOURCE_DIGEST is None:
+        h = hashlib.sha256()
+        for path in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
+            h.update(path.as_posix().encode() + b"\0" + path.read_bytes())
+        _SOURCE_DIGEST = h.hexdigest()
+    return _SOURCE_DIGEST
+
+
+def _cache_key(fn, model: nn.Module, flags, padded: int, args: tuple, options: dict) -> str:
+    described = {
+        "step": f"{fn.__module__}.{fn.__qualname__}", "config": model.config.to_dict(),
+        "dtypes": sorted({str(p.dtype) for p in model.parameters()}), "flags": flags, "batch": padded,
+        "args": [(list(t.shape), str(t.dtype)) for t in args[1:]],  # not the span: its length is symbolic
+        "options": options, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+        "source": _source_digest(),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=repr).encode()).hexdigest()[:32]
+
+
 def padded_batch(B: int, slots: int) -> int:
     """The batch size an artifact is compiled for: the next power of two, at most the slots."""
     return min(1 << (B - 1).bit_length(), slots)
@@ -77,7 +120,7 @@ def aot_call(fn, model: nn.Module, buffers: tuple, per_row: tuple, s: SamplingBa
     args = (span, *buffers, *rows)
     runner = _ARTIFACTS.get(key)
     if runner is None:
-        runner = _ARTIFACTS[key] = _compile(fn, model, flags, args, options(padded))
+        runner = _ARTIFACTS[key] = _load_or_compile(fn, model, flags, padded, args, options(padded))
     out = runner(*args)  # the step's own output structure: a tensor or a tuple of them
     if padded == B:
         return out
@@ -91,19 +134,45 @@ def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat((t, t[:1].expand(rows - t.shape[0], *t.shape[1:])))
 
 
-def _compile(fn, model, flags, args, options):
+def _load_or_compile(fn, model, flags, padded, args, options):
+    """The artifact from the disk cache, or built now (and then kept there); bound to model's tensors."""
+    step = _Step(fn, model, flags)
+    folder = cache_dir()
+    cached = folder / f"{fn.__name__}-{_cache_key(fn, model, flags, padded, args, options)}.pt2" if folder else None
+    runner, constants = None, {}
+    if cached is not None and cached.is_file():
+        try:
+            runner = torch._inductor.aoti_load_package(str(cached))
+        except Exception as e:  # a damaged file: build it again
+            warnings.warn(f"{cached}: unreadable compiled step ({type(e).__name__}: {e}); rebuilding it")
+    if runner is None:
+        runner, constants = _compile(step, args, options, cached)
+    # the artifact holds no weights: it reads the model's own tensors, not a copy taken at build time
+    tensors = {**dict(step.named_parameters()), **dict(step.named_buffers()), **constants}
+    runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
+                          check_full_update=True, user_managed=True)
+    return runner
+
+
+def _compile(step: _Step, args, options, cached: Path | None) -> tuple:
+    """(runner, the tensors it needs that are not the model's: constants that export lifted out of the code)."""
     max_len = args[1].shape[2]  # of the cache, (layers, slots, max_len, R)
     S = torch.export.Dim("attend", min=2, max=max_len - 1)
     dynamic = ({0: S}, (None,) * (len(args) - 1))  # (span, *args): everything but the attended length static
-    path = f"{_directory()}/{fn.__name__}-{len(_ARTIFACTS)}.pt2"
+    path = f"{_directory()}/{step.fn.__name__}-{len(_ARTIFACTS)}.pt2"
     with warnings.catch_warnings():  # torch's own pytree deprecation notice, nothing we can act on
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        exported = torch.export.export(_Step(fn, model, flags), args, dynamic_shapes=dynamic, strict=False)
+        exported = torch.export.export(step, args, dynamic_shapes=dynamic, strict=False)
         options = {**options, "aot_inductor.package_constants_in_so": False}
         package = torch._inductor.aoti_compile_and_package(exported, package_path=path, inductor_configs=options)
-        runner = torch._inductor.aoti_load_package(package)
-    # the artifact holds no weights: it reads the model's own tensors, not a copy taken at build time
-    constants = {**exported.state_dict, **exported.constants}
-    runner.load_constants({name: constants[name] for name in runner.get_constant_fqns()},
-                          check_full_update=True, user_managed=True)
-    return runner
+    module_tensors = {**dict(step.named_parameters()), **dict(step.named_buffers())}
+    lifted = {k: v for k, v in exported.constants.items() if k not in module_tensors}
+    if cached is not None and not lifted:  # a cached artifact can only be given the model's tensors
+        try:  # written under a temporary name, then renamed: a reader never sees half a file
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+            shutil.copyfile(package, partial)
+            os.replace(partial, cached)
+        except OSError as e:  # a read-only home still serves, just without the cache
+            warnings.warn(f"could not keep the compiled step in {cached.parent}: {e}")
+    return torch._inductor.aoti_load_package(package), lifted
