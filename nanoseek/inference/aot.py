@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .sampling import SamplingBatch
 
@@ -142,7 +143,7 @@ def _load_or_compile(fn, model, flags, padded, args, options):
     runner, constants = None, {}
     if cached is not None and cached.is_file():
         try:
-            runner = torch._inductor.aoti_load_package(str(cached))
+            runner = _Runner(torch._inductor.aoti_load_package(str(cached)))
         except Exception as e:  # a damaged file: build it again
             warnings.warn(f"{cached}: unreadable compiled step ({type(e).__name__}: {e}); rebuilding it")
     if runner is None:
@@ -175,4 +176,18 @@ def _compile(step: _Step, args, options, cached: Path | None) -> tuple:
             os.replace(partial, cached)
         except OSError as e:  # a read-only home still serves, just without the cache
             warnings.warn(f"could not keep the compiled step in {cached.parent}: {e}")
-    return torch._inductor.aoti_load_package(package), lifted
+    return _Runner(torch._inductor.aoti_load_package(package)), lifted
+
+
+class _Runner:
+    """A loaded artifact, called through its loader directly: the package's own __call__ flattens
+    the arguments and reads its call spec on every call, ~20 us of a ~450 us batch-1 step on `tiny`."""
+
+    def __init__(self, compiled):
+        self.loader = compiled.loader
+        self.out_spec = pytree.treespec_loads(self.loader.get_call_spec()[1])
+        self.get_constant_fqns = compiled.get_constant_fqns
+        self.load_constants = compiled.load_constants
+
+    def __call__(self, *tensors: torch.Tensor):
+        return pytree.tree_unflatten(self.loader.boxed_run(list(tensors)), self.out_spec)

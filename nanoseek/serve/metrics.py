@@ -88,4 +88,7 @@ class Metrics:
                       [f"nanoseek_cached_tokens {s['cached_tokens']}"])
         out += metric("nanoseek_engine_steps_total", "counter", "Engine decode steps (each serves the whole batch).",
                       [f"nanoseek_engine_steps_total {s['steps']}"])
+        out += metric("nanoseek_engine_prefills_total", "counter",
+                      "Engine prefills (each runs the prompts of the requests admitted together).",
+                      [f"nanoseek_engine_prefills_total {s['prefills']}"])
         return "\n".join(out) + "\n"
