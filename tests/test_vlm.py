@@ -113,6 +113,24 @@ def test_batches_learn_only_the_reply(tmp_path):
     assert prompt[-1] == tok.assistant_id and prompt.count(tok.image_id) == n_image
 
 
+def test_mixup_loss_is_the_weighted_loss_of_both_replies_after_the_mixed_image(tmp_path):
+    examples, task = medmnist_examples(fake_medmnist(tmp_path / "breastmnist.npz"), "train")
+    args = parse(["--data", "x", "--out", "y", "--mixup", "0.4", "--label-smoothing", "0", *TINY])
+    model, tok = vlm.build_vlm(args, vlm.data_texts(examples))
+    vcfg = VisionConfig.from_dict(model.config.vision_config)
+    batch = make_batch(examples[:6], tok, vcfg)
+    loss = vlm.mixup_loss(model, batch, args, np.random.default_rng(3))
+    rng = np.random.default_rng(3)  # the same draws, by hand
+    lam = float(rng.beta(0.4, 0.4))
+    other = torch.from_numpy(rng.permutation(6))
+    mixed = [type(im)(lam * im.views + (1 - lam) * batch.images[j].views, im.tiles) for im, j in zip(batch.images, other.tolist())]
+    own = model(inputs_embeds=model.embed_multimodal(batch.input_ids, mixed))
+    theirs = model(inputs_embeds=model.embed_multimodal(batch.input_ids[other], mixed))
+    expected = lam * vlm.reply_loss(own, batch.targets, args) + (1 - lam) * vlm.reply_loss(theirs, batch.targets[other], args)
+    assert 0 < lam < 1 and not torch.equal(other, torch.arange(6))
+    torch.testing.assert_close(loss, expected)
+
+
 def test_tiny_vlm_training_lowers_the_loss_and_eval_reports_accuracy(tmp_path, capsys):
     data = fake_medmnist(tmp_path / "breastmnist.npz")
     args = parse(["--data", str(data), "--out", str(tmp_path / "vlm"), "--projector-steps", "4", "--steps", "24", "--eval-every", "8", "--batch-size", "16",

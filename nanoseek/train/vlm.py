@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..checkpoint import load, save
 from ..config import PRESETS, get_preset
 from ..model.transformer import DeepSeekModel, build_model
-from ..model.vision import VisionConfig
+from ..model.vision import VisionConfig, merge_image_embeds
 from ..tokenizer import Tokenizer
 from .balance import moe_layers, routed_counts, update_router_bias
 from .optim import build_optimizer, lr_at
@@ -135,13 +135,38 @@ def epoch_order(n: int, weights: torch.Tensor | None, generator: torch.Generator
 
 
 # ---- training ------------------------------------------------------------------------------------
-def train_step(model: DeepSeekModel, batch, optimizer, lr: float, args) -> float:
+def reply_loss(logits, targets, args) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                           label_smoothing=args.label_smoothing)
+
+
+def mixup_loss(model: DeepSeekModel, batch, args, rng: np.random.Generator) -> torch.Tensor | None:
+    """Mixup (Zhang et al., 2018) for answers in words: each image becomes lam * itself + (1 - lam) *
+    another image of the batch, and the loss is lam * the loss of its own reply + (1 - lam) * the
+    loss of the other's reply, both read after the same mixed image (one vision pass; the language
+    model sees the batch twice, once with each reply). None when views differ in shape (tiling)."""
+    if len({im.views.shape for im in batch.images}) != 1:
+        return None
+    lam = float(rng.beta(args.mixup, args.mixup))
+    other = torch.from_numpy(rng.permutation(len(batch.images)))
+    views = torch.stack([im.views for im in batch.images])  # (B, views, C, S, S)
+    mixed = lam * views + (1 - lam) * views[other]
+    images = [type(im)(v, im.tiles) for im, v in zip(batch.images, mixed)]
+    image_embeds = model.vision(images)
+    both_ids = torch.cat([batch.input_ids, batch.input_ids[other]])  # (2B, T): own replies, then the others'
+    both_images = torch.cat([image_embeds, image_embeds])  # row i and row B + i read the same mixed image
+    embeds = merge_image_embeds(model.embed(both_ids), both_ids == model.config.image_token_id, both_images)
+    own_logits, other_logits = model(inputs_embeds=embeds).chunk(2)
+    return lam * reply_loss(own_logits, batch.targets, args) + (1 - lam) * reply_loss(other_logits, batch.targets[other], args)
+
+
+def train_step(model: DeepSeekModel, batch, optimizer, lr: float, args, rng: np.random.Generator) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
-    embeds = model.embed_multimodal(batch.input_ids, batch.images)
-    logits = model(inputs_embeds=embeds)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100,
-                           label_smoothing=args.label_smoothing)
+    loss = mixup_loss(model, batch, args, rng) if args.mixup > 0 else None
+    if loss is None:
+        logits = model(inputs_embeds=model.embed_multimodal(batch.input_ids, batch.images))
+        loss = reply_loss(logits, batch.targets, args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.grad_clip)
@@ -238,7 +263,7 @@ def run_training(args) -> dict:
         losses = []
         for step in range(total):
             lr = lr_at(step, max_lr=max_lr, total_steps=total, warmup_steps=min(args.warmup_steps, total // 5 + 1))
-            losses.append(train_step(model, next(stream), optimizer, lr, args))
+            losses.append(train_step(model, next(stream), optimizer, lr, args, rng))
             if ema is not None:
                 ema.update(model)
             out_of_time = time.perf_counter() > deadline
@@ -299,6 +324,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=180)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--mixup", type=float, default=0.0,
+                   help="mixup of image pairs with Beta(a, a) weights, both replies learned in proportion (0: off)")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last vision block (0: off)")
     g.add_argument("--bias-update-rate", type=float, default=1e-3, help="router bias step (DeepSeek-V3's gamma)")
     g.add_argument("--balance", choices=("val", "classes", "none"), default="val",
