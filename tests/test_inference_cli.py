@@ -5,7 +5,7 @@ import torch
 
 import nanoseek
 from nanoseek.cli import main
-from nanoseek.inference.text import StopStrings, TextStream
+from nanoseek.inference.text import StopStrings
 from nanoseek.tokenizer import Tokenizer
 
 TEXT = ["the quick brown fox jumps over the lazy dog. " * 20, "to be, or not to be: that is the question. " * 20]
@@ -37,6 +37,21 @@ def test_generate_command_prints_the_greedy_continuation(checkpoint, capsys):
     assert spec_out == out and "tokens per main-model forward" in spec_err
 
 
+def test_generate_command_stops_at_a_stop_string_streamed_and_batched(checkpoint, capsys):
+    """The text printed ends where a stop string begins, and the stop string is never printed."""
+    folder, model, tokenizer = checkpoint
+    prompt = "to be, or not"
+    full = tokenizer.decode(nanoseek.generate(model, [tokenizer.encode(prompt, bos=True)], 24, stop_token_ids=[])[0],
+                            skip_special_tokens=True)
+    stop = full[len(full) // 2 :][:3]
+    assert len(stop) == 3 and stop.strip()
+    flags = ["--max-new-tokens", "24", "--ignore-eos", "--stop", stop]
+    assert main(["generate", str(folder), "--prompt", prompt, *flags]) == 0
+    assert capsys.readouterr().out == full[: full.index(stop)] + "\n"
+    assert main(["generate", str(folder), "--prompt", prompt, "--prompt", prompt, *flags]) == 0
+    assert capsys.readouterr().out == f"--- 0\n{full[: full.index(stop)]}\n--- 1\n{full[: full.index(stop)]}\n"
+
+
 def test_generate_command_batch_stop_strings_and_errors(checkpoint, capsys):
     folder, model, tokenizer = checkpoint
     assert main(["generate", str(folder), "--prompt", "the quick", "--prompt", "to be", "--max-new-tokens", "6",
@@ -49,7 +64,7 @@ def test_generate_command_batch_stop_strings_and_errors(checkpoint, capsys):
     assert "top_p" in capsys.readouterr().err
 
 
-def test_stop_strings_and_text_stream():
+def test_stop_strings():
     tokenizer = Tokenizer.train(TEXT, vocab_size=300)
     ids = tokenizer.encode("to be, or not to be: that is the question.")
     stop = StopStrings(tokenizer.decode, ["that is"])
@@ -57,8 +72,5 @@ def test_stop_strings_and_text_stream():
     first = hits.index(True)
     assert "that is" in tokenizer.decode(ids[: first + 1]) and "that is" not in tokenizer.decode(ids[:first])
     assert stop.truncate("to be: that is all") == "to be: "
-    stream = TextStream(tokenizer, stop_strings=["question"])
-    shown = "".join(stream.push([t]) for t in ids) + stream.finish()
-    assert shown == "to be, or not to be: that is the "
     with pytest.raises(ValueError, match="non-empty"):
         StopStrings(tokenizer.decode, [""])

@@ -50,7 +50,7 @@ def run(args) -> int:
     from ..tokenizer import Tokenizer, TokenizerError
     from .engine import Engine
     from .sampling import SamplingParams
-    from .text import StopStrings, TextStream
+    from .text import TextDecoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,10 +86,10 @@ def run(args) -> int:
         longest = max(len(p) for p in prompts) + args.max_new_tokens
         engine = Engine(model, max_batch_size=len(prompts), max_seq_len=min(longest, model.config.max_position_embeddings),
                         speculative=draft_tokens, compile=args.compile)
-        stop = StopStrings(tokenizer.decode, args.stop) if args.stop else None
-        requests = [engine.submit(p, params, max_new_tokens=args.max_new_tokens, stop_token_ids=stop_ids, stop=stop,
+        texts = [TextDecoder(tokenizer, args.stop or ()) for _ in prompts]  # each request's text and stop test
+        requests = [engine.submit(p, params, max_new_tokens=args.max_new_tokens, stop_token_ids=stop_ids, stop=text,
                                   images=images[i] if images else None)
-                    for i, p in enumerate(prompts)]
+                    for i, (p, text) in enumerate(zip(prompts, texts))]
     except ValueError as e:
         print(f"nanoseek generate: {e}", file=sys.stderr)
         return 2
@@ -97,18 +97,14 @@ def run(args) -> int:
     start = time.perf_counter()
     cpu_start = time.process_time()
     if len(requests) == 1:  # stream the one continuation as it comes
-        printer = TextStream(tokenizer, args.stop)
-        request = requests[0]
         while engine.has_work:
             engine.step()
-            for event in request.poll():
-                print(printer.push(event.tokens), end="", flush=True)
-        print(printer.finish())
+            print(texts[0].take(), end="", flush=True)
+        print(texts[0].take(final=True))
     else:
         engine.run_until_done()
-        for i, request in enumerate(requests):
-            text = tokenizer.decode(request.tokens, skip_special_tokens=True)
-            print(f"--- {i}\n{stop.truncate(text) if stop else text}")
+        for i, text in enumerate(texts):
+            print(f"--- {i}\n{text.take(final=True)}")
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if args.stats:
         s = engine.stats()

@@ -1,17 +1,22 @@
 """The text side of generation, outside the engine (which speaks token ids): stop strings and streaming.
 
-    stop = StopStrings(tokenizer.decode, ["\\n\\n", "###"])
+    stop = StopStrings(tokenizer.decode, ["\\n\\n", "###"])   # stateless: one for any number of requests
     engine.submit(ids, params, stop=stop)          # ends the request once its text contains a stop string
     text = stop.truncate(tokenizer.decode(tokens)) # the text before the first stop string
 
-    printer = TextStream(tokenizer, stop_strings=["###"])
-    for tokens in request: print(printer.push(tokens), end="")
-    print(printer.finish())
+    text = TextDecoder(tokenizer, ["###"])         # one per request: its stop callable and its text
+    request = engine.submit(ids, params, stop=text)
+    while engine.has_work:
+        engine.step()
+        print(text.take(), end="")                 # new text, never a stop string or a piece of one
+    print(text.take(final=True))
 """
 
 from __future__ import annotations
 
 from typing import Callable
+
+from ..tokenizer import Tokenizer
 
 
 class StopStrings:
@@ -38,37 +43,56 @@ class StopStrings:
         return text[:cut]
 
 
-class TextStream:
-    """Turns streamed token ids into printable text: whole characters only, and text that may be the
-    start of a stop string held back until it is known not to be one."""
+class TextDecoder:
+    """Incremental detokenization with stop strings; fed and read on the engine thread only."""
 
-    def __init__(self, tokenizer, stop_strings: list[str] | None = None, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = ()):
         self.tokenizer = tokenizer
-        self.stop = StopStrings(tokenizer.decode, stop_strings) if stop_strings else None
-        self.skip_special_tokens = skip_special_tokens
-        self.tokens: list[int] = []
-        self.shown = 0  # characters of the decoded text already returned
+        self.stop = [s for s in stop if s]
+        self.text = ""
+        self.stopped_at: int | None = None  # where the first stop string begins, once one appeared
+        self._decoder = tokenizer.decode_stream(skip_special_tokens=True)
+        self._tokens = 0  # tokens decoded so far
+        self._checked = 0  # text[:_checked] has been searched for stop strings
+        self._sent = 0  # text[:_sent] has been handed out
+        self._all_tokens: list[int] = []
 
-    def _text(self) -> str:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
-        return self.stop.truncate(text) if self.stop else text
+    def __call__(self, tokens: list[int]) -> bool:
+        """The engine's stop callable: decode the new tokens; True once a stop string appeared."""
+        for token in tokens[self._tokens:]:
+            piece = self._decoder.step(self.tokenizer.backend, token)
+            if piece:
+                self.text += piece
+        self._tokens = len(tokens)
+        self._all_tokens = tokens
+        if self.stop and self.stopped_at is None:
+            # a match may straddle old and new text, so search from just before the new text
+            start = max(0, self._checked - max(map(len, self.stop)) + 1)
+            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+            self._checked = len(self.text)
+            if hits:
+                self.stopped_at = min(hits)
+        return self.stopped_at is not None
 
-    def push(self, tokens: list[int]) -> str:
-        """New text to show after these tokens ('' when nothing can be shown yet)."""
-        self.tokens += tokens
-        text = self._text()
-        if text.endswith("\ufffd"):  # a multi-byte character still incomplete
-            text = text[:-1]
-        safe = len(text)
-        if self.stop:
-            hold = max(len(s) for s in self.stop.strings) - 1
-            safe = max(self.shown, len(text) - hold)
-        piece = text[self.shown : safe]
-        self.shown += len(piece)
-        return piece
+    def take(self, final: bool = False) -> str:
+        """The text not yet handed out: all of it when final, else up to any possible stop-string start."""
+        if final and self.stopped_at is None:
+            # the stream decoder holds back bytes of an unfinished UTF-8 character; at the end they are
+            # text too (replacement characters, as a one-shot decode gives them)
+            whole = self.tokenizer.decode(self._all_tokens, skip_special_tokens=True)
+            if len(whole) > len(self.text) and whole.startswith(self.text):
+                self.text = whole
+        end = len(self.text) if self.stopped_at is None else self.stopped_at
+        if not final and self.stopped_at is None:
+            end -= self._held_back()
+        delta = self.text[self._sent : end]
+        self._sent = max(self._sent, end)
+        return delta
 
-    def finish(self) -> str:
-        """The rest of the text, up to the first stop string."""
-        text = self._text()
-        piece, self.shown = text[self.shown :], len(text)
-        return piece
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of some stop string."""
+        for k in range(min(max(map(len, self.stop), default=1) - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0

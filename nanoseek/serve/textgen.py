@@ -1,10 +1,9 @@
 """Text on top of the engine: token ids out of the engine become streamed text, ended by stop strings.
 
 Shared by the server and the terminal chat; the engine speaks token ids and this layer owns the
-tokenizer. Every request gets a `TextDecoder`, which the engine calls on its own thread after each
-new token (it is the request's `stop` callable): it detokenizes incrementally and ends the request
-as soon as a stop string appears. Text handed out never contains a stop string or a piece of one:
-a tail that could still grow into a stop string is held back until it cannot.
+tokenizer. Every request gets a `TextDecoder` (inference/text.py), which the engine calls on its
+own thread after each new token (it is the request's `stop` callable): it detokenizes
+incrementally and ends the request as soon as a stop string appears.
 
     gen = TextGenerator(engine, tokenizer)
     g = gen.submit(prompt_ids, SamplingParams(), max_tokens=64, stop=["\\n\\n"], on_text=callback)
@@ -19,62 +18,8 @@ from typing import Callable
 from ..inference.aot import padded_batch
 from ..inference.engine import ATTEND_BLOCK, Engine, Event, Request
 from ..inference.sampling import SamplingParams
+from ..inference.text import TextDecoder
 from ..tokenizer import Tokenizer
-
-
-class TextDecoder:
-    """Incremental detokenization with stop strings; fed and read on the engine thread only."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = ()):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.text = ""
-        self.stopped_at: int | None = None  # where the first stop string begins, once one appeared
-        self._decoder = tokenizer.decode_stream(skip_special_tokens=True)
-        self._tokens = 0  # tokens decoded so far
-        self._checked = 0  # text[:_checked] has been searched for stop strings
-        self._sent = 0  # text[:_sent] has been handed out
-        self._all_tokens: list[int] = []
-
-    def __call__(self, tokens: list[int]) -> bool:
-        """The engine's stop callable: decode the new tokens; True once a stop string appeared."""
-        for token in tokens[self._tokens:]:
-            piece = self._decoder.step(self.tokenizer.backend, token)
-            if piece:
-                self.text += piece
-        self._tokens = len(tokens)
-        self._all_tokens = tokens
-        if self.stop and self.stopped_at is None:
-            # a match may straddle old and new text, so search from just before the new text
-            start = max(0, self._checked - max(map(len, self.stop)) + 1)
-            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
-            self._checked = len(self.text)
-            if hits:
-                self.stopped_at = min(hits)
-        return self.stopped_at is not None
-
-    def take(self, final: bool = False) -> str:
-        """The text not yet handed out: all of it when final, else up to any possible stop-string start."""
-        if final and self.stopped_at is None:
-            # the stream decoder holds back bytes of an unfinished UTF-8 character; at the end they are
-            # text too (replacement characters, as a one-shot decode gives them)
-            whole = self.tokenizer.decode(self._all_tokens, skip_special_tokens=True)
-            if len(whole) > len(self.text) and whole.startswith(self.text):
-                self.text = whole
-        end = len(self.text) if self.stopped_at is None else self.stopped_at
-        if not final and self.stopped_at is None:
-            end -= self._held_back()
-        delta = self.text[self._sent : end]
-        self._sent = max(self._sent, end)
-        return delta
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        for k in range(min(max(map(len, self.stop), default=1) - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return k
-        return 0
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""The serving text layer: incremental detokenization and stop strings that never leak into the output."""
+"""Text out of token ids (inference/text.py): incremental detokenization, stop strings that never leak into the output."""
 
 import pytest
 
-from nanoseek.serve.textgen import TextDecoder
+from nanoseek.inference.text import TextDecoder
 from nanoseek.tokenizer import Tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. Où est la gare? 東京 🚀 END of story.\n\nNext paragraph."
