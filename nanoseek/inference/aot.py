@@ -140,22 +140,23 @@ def _load_or_compile(fn, model, flags, padded, args, options):
     step = _Step(fn, model, flags)
     folder = cache_dir()
     cached = folder / f"{fn.__name__}-{_cache_key(fn, model, flags, padded, args, options)}.pt2" if folder else None
-    runner, constants = None, {}
+    tensors = {**dict(step.named_parameters()), **dict(step.named_buffers())}
+    runner = None
     if cached is not None and cached.is_file():
         try:
             runner = _Runner(torch._inductor.aoti_load_package(str(cached)))
         except Exception as e:  # a damaged file: build it again
             warnings.warn(f"{cached}: unreadable compiled step ({type(e).__name__}: {e}); rebuilding it")
     if runner is None:
-        runner, constants = _compile(step, args, options, cached)
+        runner, lifted = _compile(step, tensors, args, options, cached)
+        tensors = {**tensors, **lifted}
     # the artifact holds no weights: it reads the model's own tensors, not a copy taken at build time
-    tensors = {**dict(step.named_parameters()), **dict(step.named_buffers()), **constants}
     runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
                           check_full_update=True, user_managed=True)
     return runner
 
 
-def _compile(step: _Step, args, options, cached: Path | None) -> tuple:
+def _compile(step: _Step, module_tensors: dict, args, options, cached: Path | None) -> tuple:
     """(runner, the tensors it needs that are not the model's: constants that export lifted out of the code)."""
     max_len = args[1].shape[2]  # of the cache, (layers, slots, max_len, R)
     S = torch.export.Dim("attend", min=2, max=max_len - 1)
@@ -166,7 +167,6 @@ def _compile(step: _Step, args, options, cached: Path | None) -> tuple:
         exported = torch.export.export(step, args, dynamic_shapes=dynamic, strict=False)
         options = {**options, "aot_inductor.package_constants_in_so": False}
         package = torch._inductor.aoti_compile_and_package(exported, package_path=path, inductor_configs=options)
-    module_tensors = {**dict(step.named_parameters()), **dict(step.named_buffers())}
     lifted = {k: v for k, v in exported.constants.items() if k not in module_tensors}
     if cached is not None and not lifted:  # a cached artifact can only be given the model's tensors
         try:  # written under a temporary name, then renamed: a reader never sees half a file

@@ -86,10 +86,10 @@ def run(args) -> int:
         longest = max(len(p) for p in prompts) + args.max_new_tokens
         engine = Engine(model, max_batch_size=len(prompts), max_seq_len=min(longest, model.config.max_position_embeddings),
                         speculative=draft_tokens, compile=args.compile)
-        texts = [TextDecoder(tokenizer, args.stop or ()) for _ in prompts]  # each request's text and stop test
-        requests = [engine.submit(p, params, max_new_tokens=args.max_new_tokens, stop_token_ids=stop_ids, stop=text,
+        decoders = [TextDecoder(tokenizer, args.stop or ()) for _ in prompts]  # each request's text and stop test
+        requests = [engine.submit(p, params, max_new_tokens=args.max_new_tokens, stop_token_ids=stop_ids, stop=decoder,
                                   images=images[i] if images else None)
-                    for i, (p, text) in enumerate(zip(prompts, texts))]
+                    for i, (p, decoder) in enumerate(zip(prompts, decoders))]
     except ValueError as e:
         print(f"nanoseek generate: {e}", file=sys.stderr)
         return 2
@@ -99,12 +99,12 @@ def run(args) -> int:
     if len(requests) == 1:  # stream the one continuation as it comes
         while engine.has_work:
             engine.step()
-            print(texts[0].take(), end="", flush=True)
-        print(texts[0].take(final=True))
+            print(decoders[0].take(), end="", flush=True)
+        print(decoders[0].take(final=True))
     else:
         engine.run_until_done()
-        for i, text in enumerate(texts):
-            print(f"--- {i}\n{text.take(final=True)}")
+        for i, decoder in enumerate(decoders):
+            print(f"--- {i}\n{decoder.take(final=True)}")
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if args.stats:
         s = engine.stats()

@@ -304,7 +304,7 @@ class _Batch:
         self.metrics = metrics
         self.engine = generator.engine
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.ended = asyncio.Event()  # set when any of its generations finishes: a waiting update goes out at once
+        self.ended = asyncio.Event()  # a generation finished since the last update: a waiting update goes out at once
         self.generations = []
         self._open = len(jobs)
         for index, job in enumerate(jobs):
@@ -345,6 +345,7 @@ class _Batch:
                     pass
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
+            self.ended.clear()  # every finish so far is in items; the next wait is cut short only by a new one
             merged: dict[int, tuple[str, object]] = {}
             for index, delta, event in items:
                 self._open -= event.finished
