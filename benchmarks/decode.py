@@ -35,6 +35,7 @@ def parse_args():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--draft-tokens", type=int, nargs="*", default=[1, 2, 3])
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu or cuda: every contender runs there")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--no-eager", action="store_true")
@@ -89,15 +90,17 @@ def main() -> int:
         tmp = tempfile.TemporaryDirectory()
         checkpoint = tmp.name
         nanoseek.save(nanoseek.build_model(nanoseek.get_preset(args.preset), seed=0), checkpoint)
-    model = nanoseek.load(checkpoint, dtype=torch.float32).eval()
+    device = torch.device(args.device)
+    model = nanoseek.load(checkpoint, dtype=torch.float32, device=device).eval()
     models = {"": model}
     if args.bf16:
-        models[" bf16"] = nanoseek.load(checkpoint, dtype=torch.bfloat16).eval()
+        models[" bf16"] = nanoseek.load(checkpoint, dtype=torch.bfloat16, device=device).eval()
     config = model.config
     prompts = make_prompts(args, config, checkpoint)
     N, R = args.new_tokens, args.repeats
     print(f"# decode benchmark: {checkpoint if args.checkpoint else args.preset + ' preset, random weights'}; "
-          f"prompt {args.prompt_len} tokens, {N} new tokens, greedy, {args.threads} threads, fp32")
+          f"prompt {args.prompt_len} tokens, {N} new tokens, greedy, "
+          + (f"{args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)) + ", fp32")
     print(f"# torch {torch.__version__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
     rows, reference, outputs = [], {}, {}
@@ -105,14 +108,14 @@ def main() -> int:
     if not args.no_transformers:
         import transformers
 
-        hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval().to(device)
 
     for B in args.batch:
         batch = prompts[:B]
         if hf is not None:  # prompts of different lengths are padded on the left, as transformers wants
             width = max(len(p) for p in batch)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
 
             def run_hf(n, ids=ids, mask=mask):
                 with torch.inference_mode():
@@ -172,7 +175,7 @@ def main() -> int:
           f"expanded per head would take {expanded} bytes, {expanded / expected:.1f}x more")
     if hf is not None:
         with torch.inference_mode():
-            out = hf(torch.tensor(prompts[:1]), use_cache=True)
+            out = hf(torch.tensor(prompts[:1], device=device), use_cache=True)
         layer = (getattr(out, "cache", None) or out.past_key_values).layers[0]
         hf_bytes = sum(t[0, :, 0].numel() * t.element_size() for t in (layer.keys, layer.values))
         print(f"transformers' cache, measured: {hf_bytes} bytes per token per layer (keys {tuple(layer.keys.shape)}, "

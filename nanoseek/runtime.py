@@ -1,4 +1,5 @@
-"""Process-wide CPU settings that make PyTorch faster on CPU, applied by the CLI and the benchmarks.
+"""Process-wide settings applied by the CLI and the benchmarks: the device to run on, and the CPU
+allocator tuning that makes PyTorch faster on CPU.
 
 glibc serves large allocations (activations, logits) with fresh mmap'ed pages and returns them to
 the OS on free, so every forward pass page-faults its big tensors in again: a (4096, 4096) fp32
@@ -29,3 +30,28 @@ def tune_allocator() -> bool:
         return False
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
     return _applied
+
+
+class DeviceError(ValueError):
+    """A --device this machine cannot run on."""
+
+
+def pick_device(name: str = "auto"):
+    """A --device value -> torch.device. 'auto' is the first CUDA GPU when there is one, else the CPU;
+    an explicit device that this machine lacks is an error naming it, not a silent CPU run."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise DeviceError(f"--device {name!r}: not a device name (cpu, cuda, cuda:N, auto)") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    elif device.type != "cpu":
+        raise DeviceError(f"--device {name}: only cpu and cuda are supported")
+    return device

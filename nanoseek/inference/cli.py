@@ -42,11 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile the decode step: ahead of time (default) or with torch.compile")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="load the weights in this dtype")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     parser.add_argument("--stats", action="store_true", help="print speed and speculation figures to stderr")
 
 
 def run(args) -> int:
     from ..checkpoint import CheckpointError, load
+    from ..runtime import DeviceError, pick_device
     from ..tokenizer import Tokenizer, TokenizerError
     from .engine import Engine
     from .sampling import SamplingParams
@@ -55,9 +57,9 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model = load(args.checkpoint, dtype=DTYPES[args.dtype] if args.dtype else None).eval()
+        model = load(args.checkpoint, dtype=DTYPES[args.dtype] if args.dtype else None, device=pick_device(args.device)).eval()
         tokenizer = Tokenizer.load(args.tokenizer or args.checkpoint)
-    except (CheckpointError, TokenizerError, OSError) as e:
+    except (CheckpointError, DeviceError, TokenizerError, OSError) as e:
         print(f"nanoseek generate: {e}", file=sys.stderr)
         return 2
     texts = args.prompt if args.prompt else [sys.stdin.read()]

@@ -29,6 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-seq-len", type=int, default=None, help="context (default: the model's)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as stored")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     parser.add_argument("--speculative", type=int, default=0, help="MTP draft tokens per step (0: off)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 
@@ -39,7 +40,7 @@ def run(args) -> int:
 
     try:
         generator = load_generator(args.model, dtype=args.dtype, max_batch_size=1, max_seq_len=args.max_seq_len,
-                                   speculative=args.speculative, compile=args.compile)
+                                   speculative=args.speculative, compile=args.compile, device=args.device)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     except (CheckpointError, TokenizerError, ValueError, FileNotFoundError) as e:
         print(f"nanoseek chat: {e}", file=sys.stderr)

@@ -452,6 +452,7 @@ def add_arguments(parser) -> None:
                         help="max_tokens when a request gives none (default: the rest of the context)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as stored")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     parser.add_argument("--speculative", type=int, default=0, help="MTP draft tokens per step (0: off)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--stream-interval", type=float, default=DEFAULT_STREAM_INTERVAL,
@@ -474,7 +475,7 @@ def run(args) -> int:
     try:
         generator = load_generator(args.model, dtype=args.dtype, max_batch_size=args.max_batch_size,
                                    max_seq_len=args.max_seq_len, max_cached_tokens=args.max_cached_tokens,
-                                   speculative=args.speculative, compile=args.compile)
+                                   speculative=args.speculative, compile=args.compile, device=args.device)
     except (CheckpointError, TokenizerError, ValueError, FileNotFoundError) as e:
         print(f"nanoseek serve: {e}", file=sys.stderr)
         return 2

@@ -72,13 +72,15 @@ class TextGenerator:
 
 
 def load_generator(path, *, dtype: str | None = None, max_batch_size: int = 8, max_seq_len: int | None = None,
-                   max_cached_tokens: int | None = None, speculative: int = 0, compile: bool = False) -> TextGenerator:
+                   max_cached_tokens: int | None = None, speculative: int = 0, compile: bool = False,
+                   device: str = "cpu") -> TextGenerator:
     """A checkpoint folder (weights + tokenizer.json) -> a warmed-up TextGenerator; the engine is not started."""
     import torch
 
     from .. import checkpoint
+    from ..runtime import pick_device
 
-    model = checkpoint.load(path, dtype=getattr(torch, dtype) if dtype else None).eval()
+    model = checkpoint.load(path, dtype=getattr(torch, dtype) if dtype else None, device=pick_device(device)).eval()
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "

@@ -31,6 +31,7 @@ from ..checkpoint import CheckpointError, load_weights, replace_dir, save
 from ..config import ConfigError
 from ..data import DataError
 from ..model.transformer import DeepSeekModel
+from ..runtime import DeviceError
 from ..tokenizer import Tokenizer, TokenizerError
 
 STATE_FILE = "trainer_state.json"
@@ -38,7 +39,7 @@ TENSORS_FILE = "training_state.pt"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # errors the commands report as a one-line message: bad input or a damaged checkpoint
-USER_ERRORS = (CheckpointError, ConfigError, DataError, TokenizerError)
+USER_ERRORS = (CheckpointError, ConfigError, DataError, DeviceError, TokenizerError)
 
 
 def _sha256(path: Path) -> str:
@@ -133,7 +134,7 @@ def load_checkpoint(path: str | os.PathLike, model: DeepSeekModel) -> tuple[dict
     verify_checkpoint(path)
     load_weights(model, path)
     try:
-        tensors = torch.load(path / TENSORS_FILE, weights_only=True)
+        tensors = torch.load(path / TENSORS_FILE, weights_only=True, map_location="cpu")  # resumable on another device
     except Exception as e:  # torch raises several kinds for a damaged file
         raise CheckpointError(f"{path / TENSORS_FILE}: unreadable training state ({e})") from e
     return read_state(path), tensors

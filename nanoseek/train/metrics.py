@@ -50,26 +50,35 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, mtp_depth: int = 0) ->
     return 3 * forward_flops_per_token(cfg, seq_len, mtp_depth)
 
 
-def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
-    """This machine's dense matmul throughput in FLOP/s, best of repeated size^3 products."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                         size: int | None = None, seconds: float = 0.5) -> float:
+    """This machine's dense matmul throughput in FLOP/s, best of repeated size^3 products
+    (1024 on CPU; 8192 on a GPU, which a smaller product leaves mostly idle)."""
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    size = size or (8192 if gpu else 1024)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     a @ b  # warm-up
+    sync()
     best, deadline = math.inf, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
 
-def pick_dtype(name: str) -> str:
-    """'auto' -> 'bf16' where this CPU multiplies bf16 matrices clearly faster than fp32 (native bf16
-    instructions), else 'fp32' (without them bf16 is emulated and several times slower)."""
+def pick_dtype(name: str, device: str | torch.device = "cpu") -> str:
+    """'auto' -> 'bf16' where this device multiplies bf16 matrices clearly faster than fp32 (a CPU
+    with native bf16 instructions, any recent GPU), else 'fp32' (without them bf16 is emulated and
+    several times slower)."""
     if name != "auto":
         return name
-    fp32 = measure_matmul_flops(torch.float32, seconds=0.3)
-    bf16 = measure_matmul_flops(torch.bfloat16, seconds=0.3)
+    fp32 = measure_matmul_flops(torch.float32, device, seconds=0.3)
+    bf16 = measure_matmul_flops(torch.bfloat16, device, seconds=0.3)
     return "bf16" if bf16 > 1.2 * fp32 else "fp32"
 
 

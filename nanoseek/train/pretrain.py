@@ -29,6 +29,7 @@ from ..model.transformer import build_model
 from ..tokenizer import Tokenizer, sample_texts
 from ..checkpoint import CheckpointError
 from .checkpoint import USER_ERRORS, list_checkpoints, read_state, resolve_resume
+from ..runtime import pick_device
 from .metrics import pick_dtype
 from .trainer import Settings, Trainer
 
@@ -79,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature of the completions (0: greedy)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     parser.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly (its settings are used)")
     # defaults: the main job, ~10 minutes in all on 2 cores (data preparation and completions included)
     # (small batches: in a budget of a few million tokens, more updates beat larger ones)
@@ -158,7 +160,7 @@ def complete(model, tok: Tokenizer, prompt: str, max_new_tokens: int, temperatur
     ids = torch.tensor([tok.encode(prompt, bos=True)])
     window = model.config.max_position_embeddings
     for _ in range(max_new_tokens):
-        logits = model(ids[:, -window:])[0, -1].float()
+        logits = model(ids[:, -window:].to(model.device))[0, -1].float().cpu()
         if temperature > 0:
             next_id = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
         else:
@@ -181,6 +183,7 @@ def _run(args) -> int:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
     resumed = args.resume is not None
     if resumed:
         checkpoint = resolve_resume(args.resume)
@@ -194,7 +197,7 @@ def _run(args) -> int:
     else:
         corpus = args.corpus
         settings = settings_from_args(args)
-        settings.dtype = pick_dtype(settings.dtype)
+        settings.dtype = pick_dtype(settings.dtype, device)
         if settings.steps is not None:
             settings.minutes = None
         run_dir = fresh_run_dir(args)
@@ -204,12 +207,12 @@ def _run(args) -> int:
     train_stream, val_stream = TokenStream(data_dir, "train"), TokenStream(data_dir, "val")
     loader = PackedLoader(train_stream, settings.batch_size, settings.seq_len, seed=settings.seed)
     val = val_batches(val_stream, settings.batch_size, settings.seq_len, settings.eval_batches)
-    model = build_model(config, seed=settings.seed)
+    model = build_model(config, seed=settings.seed).to(device)  # initialised on the CPU: the same weights on any device
     counts = count_parameters(config)
     print(f"model: {human(counts['total'])} parameters ({human(counts['activated'])} activated per token) "
           f"+ {human(counts['mtp_total'])} in {config.num_nextn_predict_layers} MTP module(s); "
           f"{len(train_stream):,} training tokens; batch {settings.batch_size}x{settings.seq_len}x{settings.grad_accum}; "
-          f"{settings.dtype}; {torch.get_num_threads()} threads")
+          f"{settings.dtype}; " + (f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)))
     trainer = Trainer(model, settings, tok, loader, val, run_dir, extra_state={"data_dir": str(data_dir.resolve()),
                                                                              "corpus": corpus})
     if resumed:

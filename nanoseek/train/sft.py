@@ -26,6 +26,7 @@ from ..checkpoint import load as load_model
 from ..tokenizer import Tokenizer, TokenizerError
 from .checkpoint import USER_ERRORS, list_checkpoints, read_state, resolve_resume
 from .pretrain import add_settings_arguments, settings_from_args
+from ..runtime import pick_device
 from .metrics import pick_dtype
 from .trainer import IGNORE, Settings, Trainer
 
@@ -124,6 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/sft")
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     parser.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
     add_settings_arguments(parser, Settings(steps=200, lr=3e-4, warmup_steps=20, seq_len=512, eval_every=50, log_every=5))
 
@@ -140,6 +142,7 @@ def _run(args) -> int:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
     if args.resume:
         checkpoint = resolve_resume(args.resume)
         state = read_state(checkpoint)
@@ -150,13 +153,13 @@ def _run(args) -> int:
         if not args.init or not args.data:
             raise SystemExit("nanoseek sft needs --init CHECKPOINT and --data CHATS.jsonl (or --resume RUN)")
         settings = settings_from_args(args)
-        settings.dtype = pick_dtype(settings.dtype)
+        settings.dtype = pick_dtype(settings.dtype, device)
         init, data, run_dir, val_fraction = Path(args.init), args.data, Path(args.out), args.val_fraction
         if list_checkpoints(run_dir):
             raise CheckpointError(f"{run_dir} already holds checkpoints of a run: continue it with --resume {run_dir}, "
                                   "or fine-tune into another --out")
     tok = Tokenizer.load(init)
-    model = load_model(init, dtype=torch.float32)
+    model = load_model(init, dtype=torch.float32, device=device)
     settings.mtp_depth = min(settings.mtp_depth, len(model.mtp))
     train_conv, val_conv = split_conversations(read_conversations(data), val_fraction)
     train = encode_examples(tok, train_conv, settings.seq_len, f"{data}: ")
@@ -178,7 +181,7 @@ def _run(args) -> int:
         model.eval()
         with torch.no_grad():
             for _ in range(64):
-                next_id = model(ids)[0, -1].argmax()
+                next_id = model(ids.to(device))[0, -1].argmax().cpu()
                 if int(next_id) == tok.eos_id:
                     break
                 ids = torch.cat([ids, next_id.view(1, 1)], dim=1)

@@ -90,7 +90,7 @@ class Trainer:
         if settings.mtp_depth > len(model.mtp):
             raise ValueError(f"--mtp-depth {settings.mtp_depth} but the model has {len(model.mtp)} MTP modules "
                              "(num_nextn_predict_layers)")
-        settings.dtype = pick_dtype(settings.dtype)
+        settings.dtype = pick_dtype(settings.dtype, model.device)
         if settings.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be 'fp32', 'bf16' or 'auto', got {settings.dtype!r}")
         self.optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
@@ -116,11 +116,12 @@ class Trainer:
                    schedule=s.schedule, min_lr_ratio=s.min_lr_ratio, decay_frac=s.decay_frac)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = [self.loader.next_batch() for _ in range(s.grad_accum)]
+        device = model.device
+        batches = [tuple(t.to(device, non_blocking=True) for t in self.loader.next_batch()) for _ in range(s.grad_accum)]
         # normalise by the step's target count so every target token weighs the same
         n_targets = sum(int((t != IGNORE).sum()) for _, t in batches)
         n_mtp = [sum(int((t[:, k:] != IGNORE).sum()) for _, t in batches) for k in range(1, s.mtp_depth + 1)]
-        counts = [torch.zeros(moe.gate.n_experts, dtype=torch.long) for _, moe in self.moes]
+        counts = [torch.zeros(moe.gate.n_experts, dtype=torch.long, device=device) for _, moe in self.moes]
         loss_sum = mtp_sum = bal_sum = 0.0
         for inputs, targets in batches:
             with self.autocast:
@@ -156,7 +157,7 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "lr": lr,
             "tokens": sum(t.numel() for t, _ in batches),
-            "expert_counts": counts,
+            "expert_counts": [c.cpu() for c in counts],
         }
 
     # ---- evaluation ----------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class Trainer:
         model.eval()
         loss = mtp = n = n_mtp = agree = 0.0
         for inputs, targets in self.val:
+            inputs, targets = inputs.to(model.device), targets.to(model.device)
             with self.autocast:
                 logits, hidden = model(inputs, return_hidden=True)
                 loss += float(cross_entropy_sum(logits, targets))
@@ -197,12 +199,16 @@ class Trainer:
             **self.extra_state,
         }
         tensors = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.model.device.type == "cuda":
+            tensors["cuda_rng"] = torch.cuda.get_rng_state(self.model.device)
         return save_checkpoint(self.run_dir, self.model, self.tokenizer, state, tensors, keep=self.s.keep)
 
     def load(self, path: str | Path) -> dict:
         state, tensors = load_checkpoint(path, self.model)
         self.optimizer.load_state_dict(tensors["optimizer"])
         torch.set_rng_state(tensors["torch_rng"])
+        if "cuda_rng" in tensors and self.model.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["cuda_rng"], self.model.device)
         self.loader.load_state_dict(state["loader"])
         self.step, self.total_steps = state["step"], state["total_steps"]
         self.elapsed, self.history = state["elapsed"], state["history"]
@@ -214,7 +220,7 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self, resumed: bool = False) -> dict:
         s = self.s
-        self.peak_flops = measure_matmul_flops(torch.bfloat16 if s.dtype == "bf16" else torch.float32)
+        self.peak_flops = measure_matmul_flops(torch.bfloat16 if s.dtype == "bf16" else torch.float32, self.model.device)
         log = MetricsLog(self.run_dir, resume_step=self.step if resumed else None)
         self._started = time.perf_counter()
         probe_steps = 10

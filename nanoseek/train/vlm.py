@@ -32,6 +32,7 @@ from ..checkpoint import load, save
 from ..config import PRESETS, get_preset
 from ..model.transformer import DeepSeekModel, build_model
 from ..model.vision import VisionConfig, merge_image_embeds
+from ..runtime import pick_device
 from ..tokenizer import Tokenizer
 from .balance import moe_layers, routed_counts, update_router_bias
 from .optim import build_optimizer, lr_at
@@ -148,7 +149,7 @@ def mixup_loss(model: DeepSeekModel, batch, args, rng: np.random.Generator) -> t
     if len({im.views.shape for im in batch.images}) != 1:
         return None
     lam = float(rng.beta(args.mixup, args.mixup))
-    other = torch.from_numpy(rng.permutation(len(batch.images)))
+    other = torch.from_numpy(rng.permutation(len(batch.images))).to(batch.input_ids.device)
     views = torch.stack([im.views for im in batch.images])  # (B, views, C, S, S)
     mixed = lam * views + (1 - lam) * views[other]
     images = [type(im)(v, im.tiles) for im, v in zip(batch.images, mixed)]
@@ -209,7 +210,7 @@ def validate(model, tok, val: list[Example], task: ClassTask | None, args) -> di
     with torch.no_grad():
         losses = []
         for i in range(0, len(val), args.batch_size):
-            batch = make_batch(val[i : i + args.batch_size], tok, VisionConfig.from_dict(model.config.vision_config))
+            batch = make_batch(val[i : i + args.batch_size], tok, VisionConfig.from_dict(model.config.vision_config)).to(model.device)
             logits = model(inputs_embeds=model.embed_multimodal(batch.input_ids, batch.images))
             losses.append(F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100).item())
     model.train()
@@ -223,12 +224,14 @@ def score(metrics: dict) -> tuple:
     return (-metrics.get("val_loss", 0.0),)
 
 
-def batches(train: list[Example], weights, tok: Tokenizer, vcfg: VisionConfig, args, generator, rng) -> Iterator:
+def batches(train: list[Example], weights, tok: Tokenizer, vcfg: VisionConfig, args, generator, rng,
+            device: torch.device) -> Iterator:
     """Endless training batches, epoch after epoch (each epoch reshuffled or redrawn by class weights)."""
     while True:
         order = epoch_order(len(train), weights, generator)
         for i in range(0, len(order) - args.batch_size + 1, args.batch_size):  # full batches only
-            yield make_batch([train[j] for j in order[i : i + args.batch_size]], tok, vcfg, rng if args.augment else None)
+            batch = make_batch([train[j] for j in order[i : i + args.batch_size]], tok, vcfg, rng if args.augment else None)
+            yield batch.to(device)
 
 
 def run_training(args) -> dict:
@@ -237,8 +240,10 @@ def run_training(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = pick_device(args.device)
     train, val, task = load_data(args)
     model, tok = build_vlm(args, data_texts(train))
+    model.to(device)  # built or loaded on the CPU: the same initial weights on any device
     vcfg = VisionConfig.from_dict(model.config.vision_config)
     blocks = model.vision.encoder.blocks
     for i, block in enumerate(blocks):  # stochastic depth grows linearly with depth, as DeiT trains ViTs
@@ -251,7 +256,7 @@ def run_training(args) -> dict:
           f"{len(train)} train / {len(val)} val examples" + (f"; task {task.name}: {task.class_names}" if task else ""))
     info = {"args": vars(args), "task": task.__dict__ if task else None, "history": []}
     best, best_metrics = None, {}
-    stream = batches(train, class_weights(train, val, args.balance), tok, vcfg, args, generator, rng)
+    stream = batches(train, class_weights(train, val, args.balance), tok, vcfg, args, generator, rng, device)
     model.train()
     out_of_time = False
     for stage, total, max_lr in ((1, args.projector_steps, args.projector_lr), (2, args.steps, args.lr)):
@@ -334,6 +339,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ema", type=float, default=0.99, help="validate and keep an average of the weights with this decay (0: off)")
     g.add_argument("--max-minutes", type=float, default=20.0, help="bound on the whole run's wall time")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     g.add_argument("--seed", type=int, default=0)
 
 

@@ -219,6 +219,10 @@ class Batch:
     targets: torch.Tensor  # (B, T), next-token targets, -100 where nothing is learned
     images: list[ImageInput]
 
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.targets.to(device),
+                     [ImageInput(im.views.to(device), im.tiles) for im in self.images])
+
 
 def make_batch(examples: list[Example], tok: Tokenizer, vcfg: VisionConfig, rng: np.random.Generator | None = None) -> Batch:
     """Encode conversations for training: ids with image runs, targets shifted by one, padding ignored."""

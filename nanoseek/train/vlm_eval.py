@@ -39,15 +39,16 @@ def generate_answers(model: DeepSeekModel, tok: Tokenizer, prompts: list[list[in
     answers: list[str] = [""] * len(prompts)
     stop = set(model.config.eos_token_ids) | {tok.eos_id}
     for idx in _batches(prompts, batch_size):
-        ids = torch.tensor([prompts[i] for i in idx])
+        ids = torch.tensor([prompts[i] for i in idx], device=model.device)
         embeds = model.embed_multimodal(ids, [images[i] for i in idx])  # (B, T, D)
-        out = torch.empty(len(idx), 0, dtype=torch.long)
-        done = torch.zeros(len(idx), dtype=torch.bool)
+        out = torch.empty(len(idx), 0, dtype=torch.long, device=model.device)
+        done = torch.zeros(len(idx), dtype=torch.bool, device=model.device)
+        stop_ids = torch.tensor(sorted(stop), device=model.device)
         # answers are a few tokens, so the prompt is simply run again each step (no KV cache needed)
         for _ in range(max_new_tokens):
             next_id = model(inputs_embeds=embeds)[:, -1].argmax(-1)  # (B,)
             out = torch.cat([out, next_id[:, None]], dim=1)
-            done |= torch.isin(next_id, torch.tensor(sorted(stop)))
+            done |= torch.isin(next_id, stop_ids)
             if done.all():
                 break
             embeds = torch.cat([embeds, model.embed(next_id[:, None])], dim=1)
@@ -65,14 +66,14 @@ def answer_log_probs(model: DeepSeekModel, tok: Tokenizer, prompts: list[list[in
     candidates = [tok.encode(a) + [tok.eos_id] for a in answers]
     scores = torch.empty(len(prompts), len(answers))
     for idx in _batches(prompts, batch_size):
-        ids = torch.tensor([prompts[i] for i in idx])
+        ids = torch.tensor([prompts[i] for i in idx], device=model.device)
         prompt_embeds = model.embed_multimodal(ids, [images[i] for i in idx])
         T = ids.shape[1]
         for k, cand in enumerate(candidates):
-            cand_ids = torch.tensor(cand).expand(len(idx), -1)
+            cand_ids = torch.tensor(cand, device=model.device).expand(len(idx), -1)
             embeds = torch.cat([prompt_embeds, model.embed(cand_ids)], dim=1)
             logp = F.log_softmax(model(inputs_embeds=embeds)[:, T - 1 : -1].float(), dim=-1)  # predicts cand
-            scores[idx, k] = logp.gather(-1, cand_ids.unsqueeze(-1)).squeeze(-1).sum(-1)
+            scores[idx, k] = logp.gather(-1, cand_ids.unsqueeze(-1)).squeeze(-1).sum(-1).cpu()
     return scores
 
 
@@ -143,13 +144,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--show", type=int, default=3, help="print this many example answers")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
 
 
 def run(args) -> int:
     from ..checkpoint import load
+    from ..runtime import pick_device
 
     start = time.perf_counter()
-    model = load(args.model, dtype=torch.float32).eval()
+    model = load(args.model, dtype=torch.float32, device=pick_device(args.device)).eval()
     if model.vision is None:
         raise SystemExit(f"{args.model}: not a vision-language model (its config.json has no vision_config)")
     tok = Tokenizer.load(args.model)
