@@ -171,6 +171,14 @@ def run_step(fn, *args, compile: bool | str = True):
         return fn(*args)
     if compile not in (True, "aot", "dynamo"):
         raise ValueError(f"compile must be False, True, 'aot' or 'dynamo', got {compile!r}")
+    if compile != "dynamo" and args[0].device.type != "cpu":
+        # AOT steps exist to cut the CPU's per-call overhead. On CUDA (torch 2.11, H200) loading the
+        # AOTInductor package crashed the process, which no fallback can catch: torch.compile there.
+        if compile == "aot" and fn not in _WARNED_NOT_CPU:
+            _WARNED_NOT_CPU.add(fn)  # not a _FAILED entry: AOT stays on for models on the CPU
+            warnings.warn(f"compiling {fn.__name__} (aot): ahead-of-time steps run on the CPU only, "
+                          f"not {args[0].device}; using torch.compile")
+        compile = "dynamo"
     if compile != "dynamo" and _FAILED.get((fn, "aot")) is None:
         model, rest, s, attend = args[0], args[1:-2], args[-2], args[-1]
         n = BUFFERS[fn.__name__]
@@ -189,6 +197,7 @@ def run_step(fn, *args, compile: bool | str = True):
 
 BUFFERS = {"decode_step": 2, "speculative_step": 4}  # leading args that are whole engine buffers
 _FAILED: dict = {}
+_WARNED_NOT_CPU: set = set()
 
 
 def _fail(fn, path: str, error: Exception, fallback: str) -> None:
