@@ -151,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends in turn (1 client: at least 4)")
+    parser.add_argument("--rounds", type=int, default=8, help="requests each client sends in turn (1 client: at least 4)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--compile", action="store_true", help="serve with --compile (torch.compile the decode step)")

@@ -232,11 +232,13 @@ class EngineProcess:
 def _child_main(conn, path: str, load_kwargs: dict) -> None:
     """Load, then alternate: take every command waiting (block when there is no work), one engine
     step, one message with what the step made for every request and the engine's stats."""
-    from ..model.vision import ImageInput
-    from .textgen import load_generator
-
     import torch
 
+    from ..model.vision import ImageInput
+    from ..runtime import tune_allocator
+    from .textgen import load_generator
+
+    tune_allocator()  # a spawned process starts afresh: the CLI's process-wide settings are not inherited
     try:
         generator = load_generator(path, **load_kwargs)
     except Exception as e:  # any load failure: the parent reports it and exits
