@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -240,6 +241,34 @@ def test_api_key_and_queue_limit(model_dir, tmp_path):
         assert wait_for(s, lambda m: m["nanoseek_running_requests"] == 0 and m["nanoseek_waiting_requests"] == 0)[
             "nanoseek_waiting_requests"] == 0
         assert client.completions.create(model="tiny-chat", prompt="x", max_tokens=2).choices[0].finish_reason
+    finally:
+        s.stop()
+
+
+def engine_process_of(server: Server) -> int:
+    """The pid of the server's engine process (a multiprocessing spawn child; not its resource tracker)."""
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    for pid in children:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"spawn_main" in command:
+            return int(pid)
+    raise AssertionError(f"no engine process among {children}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the engine process through /proc")
+def test_when_the_engine_process_dies_requests_get_503_and_health_says_so(model_dir, tmp_path):
+    s = Server(model_dir, tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        stream = client.completions.create(model="tiny-chat", prompt="x", max_tokens=3000, stream=True, **GREEDY)
+        next(iter(stream))
+        os.kill(engine_process_of(s), signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="generation failed"):  # an error event ends it; no hang
+            list(stream)
+        assert httpx.get(s.url + "/health").status_code == 503
+        response = httpx.post(s.url + "/v1/completions", json={"model": "tiny-chat", "prompt": "x", "max_tokens": 2})
+        assert response.status_code == 503 and "engine process has stopped" in response.json()["error"]["message"]
+        assert client.models.list().data[0].id == "tiny-chat"  # the HTTP side still answers
     finally:
         s.stop()
 

@@ -39,7 +39,7 @@ from ..inference.sampling import SamplingParams
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from .textgen import TextGenerator, load_generator
-from .worker import EngineProcess
+from .worker import EngineProcess, EngineStopped
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # room for a few base64 images; JSON text prompts are far smaller
@@ -108,6 +108,8 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
 
     @app.get("/health")
     async def health():
+        if not getattr(engine, "alive", True):  # the engine's process died: say so, so a supervisor restarts us
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -316,6 +318,8 @@ class _Batch:
             except ValueError as e:  # the engine refused it: take back the ones already queued
                 self.cancel()
                 raise APIError(400, str(e)) from None
+            except EngineStopped as e:
+                raise APIError(503, str(e), type="server_error") from None
 
     def _arrived(self, index: int, delta: str, event) -> None:
         if event.finished:  # accounted here, so generations cancelled by a disconnect count too

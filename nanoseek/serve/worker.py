@@ -37,6 +37,10 @@ from ..tokenizer import Tokenizer
 from .textgen import Generation
 
 
+class EngineStopped(RuntimeError):
+    """The engine process is gone (it crashed or was killed); no request can be served."""
+
+
 @dataclass(eq=False)
 class RemoteRequest:
     """The server process's view of a request running in the engine process (the fields the server
@@ -106,8 +110,8 @@ class RemoteEngine:
                ignore_eos: bool, on_text: Callable | None, images: list | None) -> RemoteRequest:
         prompt, images = list(prompt), list(images or [])
         self.limits.check(prompt, max_new_tokens, None, images)  # raises ValueError like Engine.submit
-        if self._dead:
-            raise RuntimeError(f"the engine process has stopped: {self._dead}")
+        if not self.alive:
+            raise EngineStopped(f"the engine process has stopped: {self._dead or 'exited'}")
         with self._lock:
             rid, self._next_id = self._next_id, self._next_id + 1
             request = self._requests[rid] = RemoteRequest(rid, prompt, on_text)
@@ -123,6 +127,14 @@ class RemoteEngine:
             self._send(("cancel", rid))
         except (OSError, RuntimeError):  # the child is gone: its requests were failed already
             pass
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and self._process.is_alive()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     def stats(self) -> dict:
         with self._lock:

@@ -1,0 +1,109 @@
+"""The engine in its own process (serve/worker.py): the same text, tokens and finish reasons as in
+process, bad requests refused at once, and a dead engine process failing requests, not hanging them."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import nanoseek
+from nanoseek.inference import SamplingParams
+from nanoseek.serve.textgen import load_generator
+from nanoseek.serve.worker import EngineProcess, EngineStopped
+from nanoseek.tokenizer import Tokenizer
+
+pytest.importorskip("fastapi")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("worker") / "tiny"
+    source = [p.read_text() for p in sorted(Path(nanoseek.__file__).parent.rglob("*.py"))][:20]
+    tok = Tokenizer.train(source, 400)
+    config = nanoseek.get_preset("test").replace(vocab_size=400, max_position_embeddings=512)
+    nanoseek.save(nanoseek.build_model(config, seed=3), folder, extra_files=tok.files())
+    return folder
+
+
+def run(generator, jobs):
+    """Submit every job at once; (text, finish_reason, usage) of each once all have finished."""
+    texts = [""] * len(jobs)
+    done = [threading.Event() for _ in jobs]
+
+    def on_text(i):
+        def call(delta, event):
+            texts[i] += delta
+            if event.finished:
+                done[i].set()
+        return call
+
+    generations = [generator.submit(**job, on_text=on_text(i)) for i, job in enumerate(jobs)]
+    for event in done:
+        assert event.wait(60)
+    return [(t, g.finish_reason, g.usage) for t, g in zip(texts, generations)]
+
+
+def test_engine_process_gives_what_the_engine_in_process_gives(model_dir):
+    tok = Tokenizer.load(model_dir)
+    prompts = [tok.encode(p, bos=True) for p in ("def f(x):", "import os", "class A:")]
+    local = load_generator(model_dir, max_batch_size=2, max_seq_len=128)
+    local.engine.start()
+    try:
+        # a stop string that this random model's greedy continuation holds, some way in
+        (free_text, _, _), = run(local, [dict(prompt_ids=prompts[2], params=SamplingParams(), max_tokens=40,
+                                              ignore_eos=True)])
+        stop = free_text[len(free_text) // 2:][:2]
+        jobs = [dict(prompt_ids=prompts[0], params=SamplingParams(), max_tokens=30, ignore_eos=True),
+                dict(prompt_ids=prompts[1], params=SamplingParams(temperature=0.9, top_p=0.9, seed=4), max_tokens=25),
+                dict(prompt_ids=prompts[2], params=SamplingParams(), max_tokens=40, stop=[stop], ignore_eos=True)]
+        expected = run(local, jobs)
+    finally:
+        local.engine.stop(5)
+    remote = EngineProcess.start(model_dir, max_batch_size=2, max_seq_len=128)
+    remote.engine.start()
+    try:
+        assert run(remote, jobs) == expected
+        assert expected[2][1] == "stop" and free_text.startswith(expected[2][0]) and stop not in expected[2][0]
+        stats = remote.engine.stats()
+        assert stats["running"] == 0 and stats["finished"] == 1 + 3 and stats["busy_seconds"] > 0  # warm-up + ours
+        # refused in this process, before anything crosses: the same message the engine gives
+        with pytest.raises(ValueError, match="exceeds max_seq_len"):
+            remote.submit(prompts[0], SamplingParams(), max_tokens=200)
+        # a cancelled request ends with "cancelled" and frees its slot
+        started = threading.Event()
+        g = remote.submit(prompts[0], SamplingParams(), max_tokens=100, ignore_eos=True,
+                          on_text=lambda delta, event: started.set())
+        assert started.wait(30)
+        remote.engine.cancel(g.request)
+        assert g.request.wait(30) and g.finish_reason == "cancelled" and len(g.request.tokens) < 100
+    finally:
+        remote.engine.stop(10)
+    assert not remote.engine.alive
+
+
+def test_a_dead_engine_process_fails_its_requests_and_refuses_new_ones(model_dir):
+    remote = EngineProcess.start(model_dir, max_batch_size=2, max_seq_len=512)
+    remote.engine.start()
+    try:
+        tok = Tokenizer.load(model_dir)
+        started = threading.Event()
+        g = remote.submit(tok.encode("x", bos=True), SamplingParams(), max_tokens=500, ignore_eos=True,
+                          on_text=lambda delta, event: started.set())
+        assert started.wait(30)
+        os.kill(remote.engine.pid, signal.SIGKILL)
+        assert g.request.wait(30) and g.finish_reason == "error"
+        deadline = time.time() + 10
+        while remote.engine.alive and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(EngineStopped):
+            remote.submit(tok.encode("y", bos=True), SamplingParams(), max_tokens=5)
+    finally:
+        remote.engine.stop(5)
+
+
+def test_a_load_error_in_the_engine_process_comes_back_as_an_error(tmp_path, model_dir):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        EngineProcess.start(model_dir, max_seq_len=10**6)
