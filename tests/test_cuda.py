@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import nanoseek
+from compile_checks import no_compile_fallback
 from hf_reference import YARN, make_hf_model
 from nanoseek.inference import Engine, SamplingParams
 from nanoseek.runtime import DeviceError, pick_device
@@ -90,28 +91,12 @@ def test_gpu_engine_joins_mid_flight_and_compiled_steps_agree():
     rest = [engine.submit(prompt, p, max_new_tokens=10, stop_token_ids=[]) for prompt, p in zip(PROMPTS[1:], params[1:])]
     engine.run_until_done()
     assert [r.result() for r in [first, *rest]] == expected
-    with _no_compile_failure():  # compile=True is torch.compile on a GPU (never the CPU-only AOT path)
+    with no_compile_fallback():  # compile=True is torch.compile on a GPU (never the CPU-only AOT path)
         assert nanoseek.generate(model, PROMPTS, max_new_tokens=10, compile=True) == nanoseek.generate(
             model, PROMPTS, max_new_tokens=10)
     with pytest.warns(UserWarning, match="CPU only"):
         assert nanoseek.generate(model, PROMPTS[:1], max_new_tokens=4, compile="aot") == nanoseek.generate(
             model, PROMPTS[:1], max_new_tokens=4)
-
-
-class _no_compile_failure:
-    """Fails the test when a compiled step fell back to eager (the engine warns instead of raising)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._catch = warnings.catch_warnings(record=True)
-        self._records = self._catch.__enter__()
-        warnings.simplefilter("always")
-
-    def __exit__(self, *exc):
-        self._catch.__exit__(*exc)
-        failures = [str(w.message) for w in self._records if "failed" in str(w.message)]
-        assert not failures, failures
 
 
 @needs_cuda

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nanoseek
+from compile_checks import no_compile_fallback
 from nanoseek.inference import LatentCache, SamplingParams
 from nanoseek.inference.forward import CacheView, model_forward
 from nanoseek.inference.sampling import SamplingBatch, filter_logits, sample, uniform_noise
@@ -183,7 +184,7 @@ def test_compiled_decode_matches_eager(model):
     pytest.importorskip("torch._inductor")
     kwargs = dict(stop_token_ids=[])
     eager = nanoseek.generate(model, PROMPTS[:1], 8, **kwargs)
-    with _no_fallback_warning():
+    with no_compile_fallback():
         compiled = nanoseek.generate(model, PROMPTS[:1], 8, compile=True, **kwargs)
     assert compiled == eager
 
@@ -197,7 +198,7 @@ def test_compiled_padded_batch_matches_eager(model):
     late = [40, 41, 42, 43, 44]
     alone = [nanoseek.generate(model, [p], n, stop_token_ids=[])[0] for p, n in zip(PROMPTS + [late], (10, 10, 10, 7))]
     engine = Engine(model, max_batch_size=4, max_seq_len=64, compile=True)
-    with _no_fallback_warning():
+    with no_compile_fallback():
         requests = [engine.submit(p, max_new_tokens=10, stop_token_ids=[]) for p in PROMPTS]
         for _ in range(3):
             engine.step()
@@ -213,7 +214,7 @@ def test_compiled_steps_read_the_models_current_weights(model):
     import copy
 
     model = copy.deepcopy(model)
-    with _no_fallback_warning():
+    with no_compile_fallback():
         before = nanoseek.generate(model, PROMPTS[:1], 8, stop_token_ids=[], compile=True)
         with torch.no_grad():
             for p in model.parameters():
@@ -230,7 +231,7 @@ def test_compiled_steps_are_kept_on_disk_and_reloaded(model):
 
     from nanoseek.inference import aot, decode
 
-    with _no_fallback_warning():
+    with no_compile_fallback():
         first = nanoseek.generate(model, PROMPTS[:1], 8, stop_token_ids=[], compile=True)
     assert list(aot.cache_dir().glob("decode_step-*.pt2"))
 
@@ -241,26 +242,10 @@ def test_compiled_steps_are_kept_on_disk_and_reloaded(model):
     aot._ARTIFACTS.clear()
     aot._compile = no_build
     try:
-        with _no_fallback_warning():
+        with no_compile_fallback():
             again = nanoseek.generate(copy.deepcopy(model), PROMPTS[:1], 8, stop_token_ids=[], compile=True)
     finally:
         aot._compile = saved_compile
         aot._ARTIFACTS.update(saved_artifacts)
         decode._FAILED.clear()  # had it failed, the failure must not turn compiling off for later tests
     assert again == first
-
-
-class _no_fallback_warning:
-    """Fails the test if a compiled path failed and the step fell back (to torch.compile or eager)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._catch = warnings.catch_warnings(record=True)
-        self._records = self._catch.__enter__()
-        warnings.simplefilter("always")
-
-    def __exit__(self, *exc):
-        self._catch.__exit__(*exc)
-        fallbacks = [str(w.message) for w in self._records if str(w.message).startswith("compiling ")]
-        assert not fallbacks, fallbacks

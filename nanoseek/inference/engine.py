@@ -112,8 +112,29 @@ class Event:
     finish_reason: str | None = None
 
 
+class RequestOutcome:
+    """What every request handle answers from its prompt, tokens and done flag (the engine's Request,
+    and the server's view of a request running in the engine process)."""
+
+    prompt: list[int]
+    tokens: list[int]
+    _done: threading.Event
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def usage(self) -> dict:
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
+                "total_tokens": len(self.prompt) + len(self.tokens)}
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+
 @dataclass(eq=False)
-class Request:
+class Request(RequestOutcome):
     """A submitted request; the handle the caller keeps. Read its fields, iterate it to stream."""
 
     id: int
@@ -137,21 +158,9 @@ class Request:
     _n: int = 0
     _pending: int = 0
 
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def usage(self) -> dict:
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
-                "total_tokens": len(self.prompt) + len(self.tokens)}
-
     def cancel(self) -> None:
         if self._engine is not None:
             self._engine.cancel(self)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
 
     def result(self, timeout: float | None = None) -> list[int]:
         """Block until finished; the new tokens. Raises RuntimeError if the request failed."""

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import ModelConfig
-from ..inference.engine import Event, RequestLimits
+from ..inference.engine import Event, RequestLimits, RequestOutcome
 from ..inference.sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .textgen import Generation
@@ -42,7 +42,7 @@ class EngineStopped(RuntimeError):
 
 
 @dataclass(eq=False)
-class RemoteRequest:
+class RemoteRequest(RequestOutcome):
     """The server process's view of a request running in the engine process (the fields the server
     and its metrics read of an engine Request; times are taken in this process, IPC included)."""
 
@@ -56,18 +56,6 @@ class RemoteRequest:
     first_token_at: float | None = None
     finished_at: float | None = None
     _done: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def usage(self) -> dict:
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
-                "total_tokens": len(self.prompt) + len(self.tokens)}
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
 
 
 class RemoteEngine:
