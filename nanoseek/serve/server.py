@@ -7,10 +7,11 @@ server-sent events in OpenAI's chunk format, ending with `data: [DONE]`), GET /h
 (Prometheus text), and a chat page at `/`.
 
 Every HTTP request becomes engine requests, so all clients share the engine's decode steps: one
-forward serves the whole running batch. The engine steps in its own thread and reports each step
-through a callback on that thread; the callback hands text deltas to the event loop with
-call_soon_threadsafe. A client that disconnects cancels its generation, which frees its cache slot
-at the next step boundary.
+forward serves the whole running batch. The engine steps in a process of its own (worker.py; with
+--in-process, in a thread of this one) and each step's text deltas reach a callback on a thread of
+this process, which hands them to the event loop with call_soon_threadsafe. A client that
+disconnects cancels its generation, which frees its cache slot at the next step boundary. If the
+engine process dies, its requests end with an error, later ones get 503 and /health says so.
 
 Limits, each answered with an OpenAI-style error body: a body larger than --max-body-bytes (413),
 prompt + max_tokens beyond the context (400), more than --max-queue requests waiting for a slot
