@@ -21,7 +21,7 @@ def train_command(corpus, out, *extra):
     return [sys.executable, "-m", "nanoseek.cli", "train", "--corpus", str(corpus), "--out", str(out), "--preset", "test",
             "--vocab-size", "300", "--steps", str(STEPS), "--save-every", str(SAVE), "--log-every", "1",
             "--eval-every", "0", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "3", "--max-new-tokens", "2",
-            "--threads", "1", "--dtype", "fp32", *extra]
+            "--threads", "1", "--dtype", "fp32", "--device", "cpu", *extra]  # bitwise: a CPU promise
 
 
 def losses(run_dir):
@@ -54,7 +54,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(corpus, uninterrupted, t
     proc.wait()
     assert first.exists(), "the run never wrote its first checkpoint"
     assert [p.name for p in list_checkpoints(out)] == [f"step-{SAVE:06d}"], "killed too late: the run had finished"
-    subprocess.run([sys.executable, "-m", "nanoseek.cli", "train", "--resume", str(out), "--threads", "1"], check=True,
+    subprocess.run([sys.executable, "-m", "nanoseek.cli", "train", "--resume", str(out), "--threads", "1",
+                    "--device", "cpu"], check=True,
                    capture_output=True, timeout=300)
     expected, got = losses(uninterrupted), losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
