@@ -145,6 +145,7 @@ class RemoteEngine:
                 self._fail_all("the engine process exited")
                 return
             if message[0] == "stopped":
+                self._fail_all("the engine was stopped")  # nothing should be left; nothing may hang
                 return
             if message[0] == "crashed":
                 print(message[1], flush=True)
@@ -185,9 +186,7 @@ class EngineProcess:
     """A TextGenerator whose engine runs in a child process (see the module docstring)."""
 
     def __init__(self, engine: RemoteEngine, tokenizer: Tokenizer):
-        self.engine, self.tokenizer = engine, tokenizer
-        eos = set(engine.config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
-        self.stop_token_ids = sorted(eos)
+        self.engine, self.tokenizer = engine, tokenizer  # stop tokens and strings are applied in the child
 
     @classmethod
     def start(cls, path, *, ready_timeout: float | None = None, **load_kwargs) -> "EngineProcess":
