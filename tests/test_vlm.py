@@ -198,3 +198,12 @@ def test_real_breastmnist_loads():
     examples, task = medmnist_examples(BREAST, "test")
     assert len(examples) == 156 and task.name == "breastmnist"
     assert sorted(set(ex.label for ex in examples)) == [0, 1]
+
+
+def test_bad_input_to_the_vlm_commands_is_a_message_not_a_traceback(tmp_path, capsys):
+    assert main(["train-vlm", "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "out")]) == 2
+    assert "missing.npz: no such file" in capsys.readouterr().err
+    assert main(["eval-vlm", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "missing.npz")]) == 2
+    assert "no-model" in capsys.readouterr().err
+    assert main(["eval-vlm", "--model", str(tmp_path), "--data", "x.npz", "--device", "gpu"]) == 2
+    assert "not a device name" in capsys.readouterr().err

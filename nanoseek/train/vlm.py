@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -36,7 +37,8 @@ from ..runtime import pick_device
 from ..tokenizer import Tokenizer
 from .balance import moe_layers, routed_counts, update_router_bias
 from .optim import build_optimizer, lr_at
-from .vlm_data import ClassTask, Example, make_batch, medmnist_examples, read_jsonl
+from .checkpoint import USER_ERRORS
+from .vlm_data import ClassTask, Example, VLMDataError, make_batch, medmnist_examples, read_jsonl
 from .vlm_eval import evaluate
 
 TRAIN_INFO = "vlm_train.json"  # written beside the weights: the task, the arguments, the history
@@ -344,5 +346,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    run_training(args)
+    try:
+        run_training(args)
+    except (*USER_ERRORS, VLMDataError) as e:  # bad input: a message, not a traceback
+        print(f"nanoseek train-vlm: error: {e}", file=sys.stderr)
+        return 2
     return 0

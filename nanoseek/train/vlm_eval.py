@@ -12,6 +12,7 @@ over classes for more than two, as MedMNIST does. The last line printed is `accu
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from ..model.transformer import DeepSeekModel
 from ..model.vision import ImageInput, VisionConfig
 from ..tokenizer import Tokenizer
-from .vlm_data import ClassTask, Example, load_views, medmnist_examples, prompt_ids
+from .vlm_data import ClassTask, Example, VLMDataError, load_views, medmnist_examples, prompt_ids
 
 
 def _batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -148,6 +149,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from .checkpoint import USER_ERRORS
+
+    try:
+        return _run(args)
+    except (*USER_ERRORS, VLMDataError) as e:  # bad input: a message, not a traceback
+        print(f"nanoseek eval-vlm: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     from ..checkpoint import load
     from ..runtime import pick_device
 
