@@ -280,11 +280,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .data import iter_documents  # data imports this module, so import here
+    from .data import DataError, iter_documents  # data imports this module, so import here
 
     start = time.perf_counter()
     texts = (text for _, text in iter_documents(args.corpus))
-    tok = Tokenizer.train(sample_texts(texts, args.max_bytes), args.vocab_size, show_progress=sys.stderr.isatty())
+    try:
+        tok = Tokenizer.train(sample_texts(texts, args.max_bytes), args.vocab_size, show_progress=sys.stderr.isatty())
+    except (DataError, TokenizerError) as e:  # bad input: a message, not a traceback
+        print(f"nanoseek tokenizer: error: {e}", file=sys.stderr)
+        return 2
     tok.save(args.out)
     print(f"tokenizer: {tok.vocab_size} tokens, trained in {time.perf_counter() - start:.1f}s, saved to {args.out}")
     return 0

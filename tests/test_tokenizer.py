@@ -87,3 +87,10 @@ def test_deepseek_style_tokenizer_json_loads(tok, tmp_path):
     assert (loaded.bos_id, loaded.eos_id, loaded.user_id) == (0, 1, tok.user_id)
     with pytest.raises(TokenizerError, match="does not exist"):
         Tokenizer.load(tmp_path / "nope")
+
+
+def test_tokenizer_command_answers_a_missing_corpus_with_a_message(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    assert main(["tokenizer", str(tmp_path / "missing"), "--out", str(tmp_path / "tok")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "tok").exists()
