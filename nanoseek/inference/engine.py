@@ -112,13 +112,20 @@ class Event:
     finish_reason: str | None = None
 
 
+@dataclass(eq=False, kw_only=True)
 class RequestOutcome:
-    """What every request handle answers from its prompt, tokens and done flag (the engine's Request,
-    and the server's view of a request running in the engine process)."""
+    """What every request handle holds of its outcome, and answers from it and its `prompt` (which
+    each subclass declares among its positional fields): the engine's Request, and the server's
+    view of a request running in the engine process. Keyword-only, so subclasses keep their own
+    positional fields first."""
 
-    prompt: list[int]
-    tokens: list[int]
-    _done: threading.Event
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    _done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def finished(self) -> bool:
@@ -145,15 +152,8 @@ class Request(RequestOutcome):
     stop: Callable[[list[int]], bool] | None = None
     on_event: Callable[[Event], None] | None = None
     images: list | None = None  # preprocessed images (vision.ImageInput) whose runs the prompt holds
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-    submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
     _engine: "Engine | None" = None
     _events: queue.Queue = field(default_factory=queue.Queue)
-    _done: threading.Event = field(default_factory=threading.Event)
     # engine-thread state: tokens in the cache, and the sampled token not yet run through the model
     _n: int = 0
     _pending: int = 0

@@ -25,7 +25,7 @@ import multiprocessing
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -49,13 +49,6 @@ class RemoteRequest(RequestOutcome):
     id: int
     prompt: list[int]
     on_text: Callable | None = None
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-    submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    _done: threading.Event = field(default_factory=threading.Event)
 
 
 class RemoteEngine:
@@ -66,7 +59,6 @@ class RemoteEngine:
         self.config: ModelConfig = info["config"]
         self.limits: RequestLimits = info["limits"]
         self.max_batch_size: int = info["max_batch_size"]
-        self.max_seq_len: int = self.limits.max_seq_len
         self._stats: dict = info["stats"]
         self._requests: dict[int, RemoteRequest] = {}
         self._next_id = 0
@@ -115,6 +107,10 @@ class RemoteEngine:
             self._send(("cancel", rid))
         except (OSError, RuntimeError):  # the child is gone: its requests were failed already
             pass
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.limits.max_seq_len
 
     @property
     def alive(self) -> bool:
