@@ -36,6 +36,21 @@ def test_absorbed_mla_with_padding_mask_matches_plain():
     assert (plain - absorbed).abs().max().item() < 1e-10
 
 
+@pytest.mark.parametrize("T", [1, 64, 130])
+def test_blocked_causal_attention_equals_sdpa_with_gradients(T, monkeypatch):
+    from nanoseek.model import attention
+
+    monkeypatch.setattr(attention, "ATTENTION_BLOCK_VALUES", 64 * T)  # one head per block: the split path too
+    q, k = (torch.randn(2, 3, T, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 3, T, 8, dtype=torch.float64, requires_grad=True)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    got = attention.blocked_causal_attention(q, k, v, 0.3)
+    assert (got - want).abs().max().item() < 1e-12
+    grad = torch.randn_like(want)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        assert (g - w).abs().max().item() < 1e-12
+
+
 def _loop_reference(experts: Experts, x, idx, weight):
     out = torch.zeros_like(x)
     I = experts.inter

@@ -126,7 +126,10 @@ class Experts(nn.Module):
 
     def _sorted(self, x_TD, topk_idx_TK, topk_weight_TK, w_gate_up, w_down) -> torch.Tensor:
         """Many tokens: sort (token, expert) pairs by expert, one grouped matmul per projection,
-        then add each weighted output back onto its token. -> (T, D)"""
+        then add each weighted output back onto its token. -> (T, D)
+
+        The gate weight scales the expert's hidden activation rather than its output: the same
+        product, since the down projection is linear, on I values a row instead of D."""
         T, K = topk_idx_TK.shape
         idx_N = topk_idx_TK.reshape(-1)
         order_N = idx_N.argsort(stable=True)
@@ -134,36 +137,46 @@ class Experts(nn.Module):
         # index_select/index_add_ (gather and scatter-add, each the other's backward) rather than
         # advanced indexing and index_copy_: 3-7x faster forward + backward on CPU
         x_sorted_ND = x_TD.index_select(0, token_N)
+        weight_N1 = topk_weight_TK.reshape(-1)[order_N].unsqueeze(-1).to(x_TD.dtype)
         counts_E = torch.bincount(idx_N, minlength=self.n_experts)
         if _padded_is_faster(x_TD, T * K, self.n_experts):
-            y_sorted_ND = self._padded(x_sorted_ND, idx_N[order_N], counts_E, w_gate_up, w_down)
+            y_sorted_ND = self._padded(x_sorted_ND, weight_N1, idx_N[order_N], counts_E, w_gate_up, w_down)
         elif _grouped_mm_supported(x_sorted_ND, w_gate_up, w_down):
             offsets_E = counts_E.cumsum(0).to(torch.int32)
             gate, up = _GroupedMM.apply(x_sorted_ND, w_gate_up, offsets_E).chunk(2, dim=-1)
-            y_sorted_ND = _GroupedMM.apply(F.silu(gate) * up, w_down, offsets_E)
+            y_sorted_ND = _GroupedMM.apply(_weighted_swiglu(gate, up, weight_N1), w_down, offsets_E)
         else:
             # one host sync for the whole layer, then a slice per expert that received tokens
             pieces, start = [], 0
             for e, count in enumerate(counts_E.tolist()):
                 if count:
-                    xs = x_sorted_ND[start : start + count]
-                    gate, up = (xs @ w_gate_up[e]).chunk(2, dim=-1)
-                    pieces.append((F.silu(gate) * up) @ w_down[e])
+                    rows = slice(start, start + count)
+                    gate, up = (x_sorted_ND[rows] @ w_gate_up[e]).chunk(2, dim=-1)
+                    pieces.append(_weighted_swiglu(gate, up, weight_N1[rows]) @ w_down[e])
                     start += count
             y_sorted_ND = torch.cat(pieces)
-        weight_N1 = topk_weight_TK.reshape(-1)[order_N].unsqueeze(-1).to(y_sorted_ND.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_N, y_sorted_ND * weight_N1)
+        return torch.zeros_like(x_TD).index_add_(0, token_N, y_sorted_ND)
 
-
-    def _padded(self, x_sorted_ND, expert_N, counts_E, w_gate_up, w_down) -> torch.Tensor:
-        """Rows sorted by expert -> outputs in the same order, through one bmm per projection over a
-        (E, most rows of any expert, D) block padded with zeros. -> (N, D)"""
+    def _padded(self, x_sorted_ND, weight_N1, expert_N, counts_E, w_gate_up, w_down) -> torch.Tensor:
+        """Rows sorted by expert -> weighted outputs in the same order, through one bmm per
+        projection over an (E, most rows of any expert, D) block padded with zeros. -> (N, D)"""
         N = x_sorted_ND.shape[0]
         slot_N = torch.arange(N, device=x_sorted_ND.device) - (counts_E.cumsum(0) - counts_E)[expert_N]
         x_ECD = x_sorted_ND.new_zeros(self.n_experts, int(counts_E.max()), x_sorted_ND.shape[-1])
         x_ECD[expert_N, slot_N] = x_sorted_ND
+        weight_EC1 = weight_N1.new_zeros(x_ECD.shape[:2] + (1,))
+        weight_EC1[expert_N, slot_N] = weight_N1
         gate, up = torch.bmm(x_ECD, w_gate_up).chunk(2, dim=-1)
-        return torch.bmm(F.silu(gate) * up, w_down)[expert_N, slot_N]
+        return torch.bmm(_weighted_swiglu(gate, up, weight_EC1), w_down)[expert_N, slot_N]
+
+
+def _weighted_swiglu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up * weight. Without autograd it is computed in gate's own memory (a view of the
+    gate/up projection's output), with no (N, I) temporaries: a `tiny` MoE layer on 4096 tokens,
+    fp32, 1 thread, took 49-51 ms instead of 51.5."""
+    if torch.is_grad_enabled():
+        return F.silu(gate) * up * weight
+    return F.silu(gate, inplace=True).mul_(up).mul_(weight)
 
 
 def _padded_is_faster(x_TD: torch.Tensor, rows: int, n_experts: int) -> bool:
