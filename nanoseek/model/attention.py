@@ -72,8 +72,9 @@ class MLA(nn.Module):
         latent = self.latent_kv(x, cos, sin)
         kv, k_pe = latent.split([self.kv_rank, self.rope_dim], dim=-1)
         k_nope, v = self.kv_b_proj(kv).view(B, T, H, self.nope_dim + self.v_dim).split([self.nope_dim, self.v_dim], -1)
-        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, T, qk)
-        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope_dim)), dim=-1).transpose(1, 2)
+        # concatenated head-major, so that q and k come out contiguous (B, H, T, qk) in one copy each
+        q = torch.cat((q_nope.transpose(1, 2), q_pe.transpose(1, 2)), dim=-1)  # (B, H, T, qk)
+        k = torch.cat((k_nope.transpose(1, 2), k_pe.unsqueeze(1).expand(B, H, T, self.rope_dim)), dim=-1)
         v = v.transpose(1, 2)  # (B, H, T, v)
         if mask is None and _blocked_is_faster(q):
             out = blocked_causal_attention(q, k, v, self.softmax_scale)
@@ -144,26 +145,30 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """Causal softmax(q k^T * scale) v, as F.scaled_dot_product_attention(is_causal=True) computes it.
 
     q, k (B, H, T, d), v (B, H, T, dv) -> (B, H, T, dv). Queries go in blocks of ATTENTION_BLOCK_ROWS;
-    block i attends only to keys 0..end of block i, so the work above the diagonal is skipped, and
-    only the diagonal square needs a mask. Scores are one batched matmul over every head per block.
-    Softmax runs in fp32 or wider whatever the input dtype, as the fused kernels do.
+    block i attends only to keys 0..end of block i, so the work above the diagonal is skipped. Each
+    block's scores are one baddbmm over every head, which also applies the scale and adds the mask
+    (-inf above the diagonal). Softmax runs in fp32 or wider whatever the input dtype, as the fused
+    kernels do.
     """
     B, H, T, d = q.shape
     rows = ATTENTION_BLOCK_ROWS
-    q_NTd = (q * scale).reshape(B * H, T, d)
+    q_NTd = q.reshape(B * H, T, d)
     k_NdT = k.reshape(B * H, T, d).transpose(1, 2)
     v_NTd = v.reshape(B * H, T, v.shape[-1])
+    # band[r, c] = -inf where c > T + r: columns T - start .. T - start + end of it are the mask of
+    # the block starting at `start` (key j hidden from query start + r when j > start + r)
+    band = torch.zeros(rows, T + rows, dtype=q.dtype, device=q.device)
+    band.masked_fill_(torch.ones_like(band, dtype=torch.bool).triu(T + 1), float("-inf"))
     score_dtype = torch.promote_types(q.dtype, torch.float32)
-    above_diagonal = torch.full((rows, rows), float("-inf"), dtype=score_dtype, device=q.device).triu(1)
     heads = max(1, ATTENTION_BLOCK_VALUES // (rows * T))  # of the B*H folded heads, per block
     out = []
     for start in range(0, T, rows):
         end = min(start + rows, T)
-        per_head = []
+        mask = band[: end - start, T - start : T - start + end]
         for h in range(0, B * H, heads):
-            scores = torch.bmm(q_NTd[h : h + heads, start:end], k_NdT[h : h + heads, :, :end]).to(score_dtype)
-            scores[:, :, start:end] += above_diagonal[: end - start, : end - start]
-            probs = scores.softmax(dim=-1).to(v.dtype)
-            per_head.append(torch.bmm(probs, v_NTd[h : h + heads, :end]))
-        out.append(torch.cat(per_head) if len(per_head) > 1 else per_head[0])
+            scores = torch.baddbmm(mask, q_NTd[h : h + heads, start:end], k_NdT[h : h + heads, :, :end], alpha=scale)
+            probs = scores.to(score_dtype).softmax(dim=-1).to(v.dtype)
+            out.append(torch.bmm(probs, v_NTd[h : h + heads, :end]))
+    if heads < B * H:  # blocks were also split by heads: regroup them by query block
+        out = [torch.cat(out[i : i + -(-B * H // heads)]) for i in range(0, len(out), -(-B * H // heads))]
     return torch.cat(out, dim=1).view(B, H, T, -1)
