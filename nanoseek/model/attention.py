@@ -161,6 +161,7 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     band.masked_fill_(torch.ones_like(band, dtype=torch.bool).triu(T + 1), float("-inf"))
     score_dtype = torch.promote_types(q.dtype, torch.float32)
     heads = max(1, ATTENTION_BLOCK_VALUES // (rows * T))  # of the B*H folded heads, per block
+    head_chunks = -(-B * H // heads)
     out = []
     for start in range(0, T, rows):
         end = min(start + rows, T)
@@ -169,6 +170,6 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             scores = torch.baddbmm(mask, q_NTd[h : h + heads, start:end], k_NdT[h : h + heads, :, :end], alpha=scale)
             probs = scores.to(score_dtype).softmax(dim=-1).to(v.dtype)
             out.append(torch.bmm(probs, v_NTd[h : h + heads, :end]))
-    if heads < B * H:  # blocks were also split by heads: regroup them by query block
-        out = [torch.cat(out[i : i + -(-B * H // heads)]) for i in range(0, len(out), -(-B * H // heads))]
+    if head_chunks > 1:  # blocks were also split by heads: regroup them by query block
+        out = [torch.cat(out[i : i + head_chunks]) for i in range(0, len(out), head_chunks)]
     return torch.cat(out, dim=1).view(B, H, T, -1)
