@@ -16,13 +16,7 @@ from nanoseek.train.trainer import Settings, Trainer
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread, and a shared machine makes two threads erratic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXT = "".join(f"def square_{i}(x):\n    return x * x + {i}\n\n" for i in range(400))
