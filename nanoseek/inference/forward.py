@@ -9,9 +9,9 @@ an input is functionalised into a copy of the entire input.
 
 - Decode and verify (T new tokens on top of a cache) use MLA's absorbed form: attention runs
   against the cached latents directly, nothing is expanded per head.
-- Prefill of fresh sequences may use the plain form (`plain=True`): PyTorch's fused attention over
-  the prompt, which never materialises the (T, T) scores that the absorbed form would need per head,
-  and the cache is filled on the side.
+- Prefill of fresh sequences may use the plain form (`plain=True`): causal attention over the
+  prompt in query blocks on the CPU (PyTorch's fused kernel elsewhere), which never holds all the
+  (T, T) scores per head that the absorbed form would need, and the cache is filled on the side.
 """
 
 from typing import NamedTuple
