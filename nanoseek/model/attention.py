@@ -129,6 +129,9 @@ class MLA(nn.Module):
 # hold (heads are split further past it, so a long sequence's block stays cache- and memory-sized).
 ATTENTION_BLOCK_ROWS = 64
 ATTENTION_BLOCK_VALUES = 1 << 22
+# With gradients, the most attention probabilities one layer may keep for its backward pass
+# (B*H*T*T/2 of them): 32M, 128 MB in fp32. Past it training uses flash attention, which keeps none.
+ATTENTION_SAVED_VALUES = 1 << 25
 
 
 def _blocked_is_faster(q: torch.Tensor) -> bool:
@@ -136,9 +139,10 @@ def _blocked_is_faster(q: torch.Tensor) -> bool:
     1 thread, 8x512: 13 vs 24 ms a layer forward; 8x256 forward + backward: 14 vs 23 ms), because
     flash needs v padded to the q/k head size and runs its small products below matmul speed. On
     GPUs the fused kernels win. With gradients, autograd keeps every block's probabilities for the
-    backward pass (B*H*T*T/2 values, where flash keeps none), so long sequences stay on flash."""
+    backward pass, so a layer that would keep more than ATTENTION_SAVED_VALUES stays on flash."""
+    B, H, T, _ = q.shape
     return (q.device.type == "cpu" and not torch.compiler.is_compiling()
-            and (not torch.is_grad_enabled() or q.shape[-2] <= 1024))
+            and (not torch.is_grad_enabled() or B * H * T * T // 2 <= ATTENTION_SAVED_VALUES))
 
 
 def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
