@@ -129,6 +129,16 @@ def percentile(values: list[float], q: float) -> float:
 REFERENCE_REPEATS = 3
 
 
+def fastest(run):
+    """(seconds of the fastest of REFERENCE_REPEATS calls of run(), what the last call returned)."""
+    times = []
+    for _ in range(REFERENCE_REPEATS):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
 def transformers_generate(folder: Path, prompts: list[list[int]], max_tokens: int, dtype: torch.dtype):
     """(tokens/s, outputs) of transformers' generate on this batch (all prompts the same length)."""
     import transformers
@@ -139,24 +149,16 @@ def transformers_generate(folder: Path, prompts: list[list[int]], max_tokens: in
     kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
-        elapsed = []
-        for _ in range(REFERENCE_REPEATS):
-            start = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kwargs)
-            elapsed.append(time.perf_counter() - start)
-    return len(prompts) * max_tokens / min(elapsed), out[:, ids.shape[1]:].tolist()
+        seconds, out = fastest(lambda: model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kwargs))
+    return len(prompts) * max_tokens / seconds, out[:, ids.shape[1]:].tolist()
 
 
 def engine_alone(folder: Path, prompts: list[list[int]], max_tokens: int, compile: bool, dtype: torch.dtype) -> float:
     """tokens/s of nanoseek.generate in this process: the engine without HTTP, for the server's overhead."""
     model = nanoseek.load(folder, dtype=dtype).eval()
     nanoseek.generate(model, prompts, 4, stop_token_ids=[], compile=compile)  # warm-up
-    elapsed = []
-    for _ in range(REFERENCE_REPEATS):
-        start = time.perf_counter()
-        nanoseek.generate(model, prompts, max_tokens, stop_token_ids=[], compile=compile)
-        elapsed.append(time.perf_counter() - start)
-    return len(prompts) * max_tokens / min(elapsed)
+    seconds, _ = fastest(lambda: nanoseek.generate(model, prompts, max_tokens, stop_token_ids=[], compile=compile))
+    return len(prompts) * max_tokens / seconds
 
 
 def main() -> None:
