@@ -56,9 +56,9 @@ def test_blocked_attention_leaves_long_training_sequences_to_flash(monkeypatch):
 
     monkeypatch.setattr(attention, "ATTENTION_SAVED_VALUES", 2 * 3 * 64 * 64 // 2)
     fits, too_long = torch.empty(2, 3, 64, 8), torch.empty(2, 3, 65, 8)
-    assert attention._blocked_is_faster(fits) and not attention._blocked_is_faster(too_long)
+    assert attention._use_blocked_attention(fits) and not attention._use_blocked_attention(too_long)
     with torch.no_grad():  # nothing is kept for a backward pass: any length
-        assert attention._blocked_is_faster(too_long)
+        assert attention._use_blocked_attention(too_long)
 
 
 def _loop_reference(experts: Experts, x, idx, weight):

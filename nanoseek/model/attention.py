@@ -76,7 +76,7 @@ class MLA(nn.Module):
         q = torch.cat((q_nope.transpose(1, 2), q_pe.transpose(1, 2)), dim=-1)  # (B, H, T, qk)
         k = torch.cat((k_nope.transpose(1, 2), k_pe.unsqueeze(1).expand(B, H, T, self.rope_dim)), dim=-1)
         v = v.transpose(1, 2)  # (B, H, T, v)
-        if mask is None and _blocked_is_faster(q):
+        if mask is None and _use_blocked_attention(q):
             out = blocked_causal_attention(q, k, v, self.softmax_scale)
         else:
             if self.v_dim < self.qk_dim:
@@ -134,7 +134,7 @@ ATTENTION_BLOCK_VALUES = 1 << 22
 ATTENTION_SAVED_VALUES = 1 << 25
 
 
-def _blocked_is_faster(q: torch.Tensor) -> bool:
+def _use_blocked_attention(q: torch.Tensor) -> bool:
     """Blocked attention beats PyTorch's CPU flash kernel at the head sizes MLA uses (tiny config,
     1 thread, 8x512: 13 vs 24 ms a layer forward; 8x256 forward + backward: 14 vs 23 ms), because
     flash needs v padded to the q/k head size and runs its small products below matmul speed. On
