@@ -51,13 +51,14 @@ def build_checkpoint(preset: str, folder: Path) -> Path:
     return folder
 
 
-def engine_seconds(url: str) -> tuple[float, float] | None:
-    """(busy, prefill) seconds of the nanoseek engine so far, from /metrics; None for other servers."""
+def engine_counters(url: str) -> dict | None:
+    """The nanoseek engine's counters so far (busy and prefill seconds, decode steps, prefills), from
+    /metrics; None for other servers."""
     text = httpx.get(url + "/metrics", timeout=10).text
     values = dict(line.split() for line in text.splitlines() if line.startswith("nanoseek_engine_") and " " in line)
     if "nanoseek_engine_busy_seconds_total" not in values:
         return None
-    return float(values["nanoseek_engine_busy_seconds_total"]), float(values["nanoseek_engine_prefill_seconds_total"])
+    return {name: float(values[f"nanoseek_engine_{name}_total"]) for name in ("busy_seconds", "prefill_seconds", "steps", "prefills")}
 
 
 def free_port() -> int:
@@ -215,16 +216,22 @@ def main() -> None:
             asyncio.run(run_level(url, "bench", prompts[:1], 1, 1, 8))  # warm-up
             for clients in args.clients:
                 rounds = max(args.rounds, -(-4 // clients))
-                before = engine_seconds(url) if name != "vllm" else None
+                before = engine_counters(url) if name != "vllm" else None
                 wall, flat, texts = asyncio.run(run_level(url, "bench", prompts, clients, rounds, args.max_tokens))
-                after = engine_seconds(url) if before is not None else None
+                after = engine_counters(url) if before is not None else None
                 latencies = [x[0] for x in flat]
                 results[name, clients] = dict(
                     tps=sum(x[2] for x in flat) / wall, p50=percentile(latencies, 0.5), p99=percentile(latencies, 0.99),
                     ttft=statistics.median(x[1] for x in flat), texts=texts, requests=len(flat))
                 r = results[name, clients]
-                busy = (f", engine busy {(after[0] - before[0]) / wall:.0%} of the time "
-                        f"(prefill {(after[1] - before[1]) / wall:.0%})") if after else ""
+                busy = ""
+                if after:
+                    d = {k: after[k] - before[k] for k in after}
+                    busy = (f", engine busy {d['busy_seconds'] / wall:.0%} of the time (prefill "
+                            f"{d['prefill_seconds'] / wall:.0%}), {d['steps']:.0f} decode steps of "
+                            f"{(d['busy_seconds'] - d['prefill_seconds']) / max(d['steps'], 1) * 1e3:.2f} ms and "
+                            f"{(sum(x[2] for x in flat) - len(flat)) / max(d['steps'], 1):.1f} rows on average, {d['prefills']:.0f} "
+                            f"prefills of {len(flat) / max(d['prefills'], 1):.1f} prompts")
                 print(f"{name} {clients} clients: {r['tps']:.0f} tok/s, p50 {r['p50']:.2f} s, p99 {r['p99']:.2f} s, "
                       f"{r['requests']} requests{busy}", flush=True)
         finally:

@@ -1,5 +1,6 @@
 """Cached generation against full recomputation, and the sampling rules, on a tiny random model."""
 
+import dataclasses
 import math
 
 import pytest
@@ -205,6 +206,28 @@ def test_compiled_padded_batch_matches_eager(model):
         requests.append(engine.submit(late, max_new_tokens=7, stop_token_ids=[]))
         engine.run_until_done()
     assert [r.result() for r in requests] == alone
+
+
+def test_compiled_bf16_batch_of_8_follows_eager(model):
+    """From 8 rows on, a bf16 artifact leaves its wider matmuls (the output head) to oneDNN instead of
+    decomposing them (decode.BF16_WIDEST_DECOMPOSED_FROM_8_ROWS). bf16 rounds differently in each, and
+    this random model's logits are close together, so tokens may part at near-ties: every compiled
+    token must be the eager model's choice up to a bf16 rounding (a wrong head would miss by ~0.3)."""
+    pytest.importorskip("torch._inductor")
+    from nanoseek.inference.decode import WIDEST_DECOMPOSED, _widest_decomposed
+
+    config = dataclasses.replace(nanoseek.get_preset("test"), vocab_size=1024)  # a head wider than the limit
+    assert _widest_decomposed(8, torch.bfloat16) < config.vocab_size <= WIDEST_DECOMPOSED
+    assert _widest_decomposed(4, torch.bfloat16) == _widest_decomposed(8, torch.float32) == WIDEST_DECOMPOSED
+    bf16 = nanoseek.build_model(config, seed=1).to(torch.bfloat16).eval()
+    prompts = [[(7 * i + j) % 200 + 3 for j in range(4 + i)] for i in range(8)]
+    with no_compile_fallback():
+        compiled = nanoseek.generate(bf16, prompts, 6, compile=True, stop_token_ids=[])
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, compiled):
+            logits_TV = bf16(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1].float()
+            chosen_T = logits_TV.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1)
+            assert (logits_TV.max(dim=1).values - chosen_T).max() < 0.01, (prompt, tokens)
 
 
 def test_compiled_steps_read_the_models_current_weights(model):

@@ -109,7 +109,7 @@ def aot_call(fn, model: nn.Module, buffers: tuple, per_row: tuple, s: SamplingBa
 
     buffers are whole engine buffers (fixed shapes, mutated in place; dimension 1 of the first is
     the slots); per_row tensors have the batch as their first dimension, as have the outputs.
-    options(batch) gives the inductor options of an artifact for that batch size.
+    options(batch, dtype) gives the inductor options of an artifact for that batch size and the model's dtype.
     """
     B = per_row[0].shape[0]
     padded = padded_batch(B, buffers[0].shape[1])
@@ -121,7 +121,7 @@ def aot_call(fn, model: nn.Module, buffers: tuple, per_row: tuple, s: SamplingBa
     args = (span, *buffers, *rows)
     runner = _ARTIFACTS.get(key)
     if runner is None:
-        runner = _ARTIFACTS[key] = _load_or_compile(fn, model, flags, padded, args, options(padded))
+        runner = _ARTIFACTS[key] = _load_or_compile(fn, model, flags, padded, args, options(padded, model.dtype))
     out = runner(*args)  # the step's own output structure: a tensor or a tuple of them
     if padded == B:
         return out

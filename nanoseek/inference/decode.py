@@ -93,10 +93,23 @@ MOST_ROWS_DECOMPOSED = 4  # torch.compile path: a speculative verify of up to 3 
 # (benchmarks/decode.py); the limit is set per artifact to its own row count, since a higher
 # limit than the step's rows slowed it down.
 AOT_MOST_ROWS_DECOMPOSED = 32
+# A decomposed matmul reads its weight once per row, so its cost grows with the rows, while a
+# oneDNN call costs nearly the same for 1 or 16 rows; in bf16 oneDNN also has AVX512-bf16 dot
+# products and the decomposed kernel converts every weight to fp32. So from 8 rows on, bf16
+# matrices wider than this go to oneDNN (on `tiny`: the output head and the dense MLP). Measured,
+# 1 thread: one 8-row bf16 matmul against a 256x4096 weight took 377 us decomposed and 111 us in
+# oneDNN; the batch-8 bf16 decode step went from 2.46 to 2.13 ms, batch 16 from 4.26 to 3.33 ms
+# (the same two models compiled both ways, in one process). In fp32 oneDNN has no such edge:
+# full decomposition stayed faster at batch 8 (2.84 against 3.14 ms), so fp32 keeps it.
+BF16_WIDEST_DECOMPOSED_FROM_8_ROWS = 256
 
 
-def _decomposition(rows: int) -> dict:
-    return {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": WIDEST_DECOMPOSED,
+def _widest_decomposed(rows: int, dtype: torch.dtype) -> int:
+    return BF16_WIDEST_DECOMPOSED_FROM_8_ROWS if dtype == torch.bfloat16 and rows >= 8 else WIDEST_DECOMPOSED
+
+
+def _decomposition(rows: int, widest: int | None = None) -> dict:
+    return {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": widest or WIDEST_DECOMPOSED,
                                   "cpu_max_first_dimension_decomposition": rows}}
 
 
@@ -112,27 +125,28 @@ COMPILE_OPTIONS = {
 AOT_OPTIONS = {k: v for k, v in COMPILE_OPTIONS.items() if k != "cpp_wrapper"}  # AOTInductor is C++ anyway
 
 
-def _decompose_wide_matmuls(rows: int = MOST_ROWS_DECOMPOSED) -> None:
+def _decompose_wide_matmuls(rows: int = MOST_ROWS_DECOMPOSED, widest: int | None = None) -> None:
     """Let decompose_mm_pass take matrices wider than its 2048 default (left to oneDNN, the output
-    head, 4096 wide on `tiny`, alone costs as much as the rest of the step) and up to `rows` rows
-    instead of 1 (a speculative verify, a batch). Inductor reads the limits from module constants,
-    so they are set there (and skipped if a later torch moves them). Only shapes known when
-    compiling qualify."""
+    head, 4096 wide on `tiny`, alone costs as much as the rest of a batch-1 step) and up to `rows`
+    rows instead of 1 (a speculative verify, a batch). Inductor reads the limits from module
+    constants, so they are set there (and skipped if a later torch moves them). Only shapes known
+    when compiling qualify."""
     try:
         from torch._inductor.fx_passes import decompose_mem_bound_mm
     except ImportError:
         return
     if hasattr(decompose_mem_bound_mm, "cpu_max_other_dimension_decomposition"):
-        decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = WIDEST_DECOMPOSED
+        decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = widest or WIDEST_DECOMPOSED
         decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = rows
 
 
 def _aot_options(tokens_per_row: int):
-    """Inductor options (set up for the compile about to run) of an artifact for a given batch size."""
-    def options(batch: int) -> dict:
+    """Inductor options (set up for the compile about to run) of an artifact for a batch size and dtype."""
+    def options(batch: int, dtype: torch.dtype) -> dict:
         rows = min(batch * tokens_per_row, AOT_MOST_ROWS_DECOMPOSED)
-        _decompose_wide_matmuls(rows)
-        return {**AOT_OPTIONS, "post_grad_fusion_options": _decomposition(rows)}
+        widest = _widest_decomposed(batch * tokens_per_row, dtype)
+        _decompose_wide_matmuls(rows, widest)
+        return {**AOT_OPTIONS, "post_grad_fusion_options": _decomposition(rows, widest)}
     return options
 
 
