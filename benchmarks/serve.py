@@ -13,9 +13,15 @@ Each client sends --rounds requests one after the other: a prompt of random toke
 ignore_eos, so every request makes exactly --max-tokens tokens. tokens/s = all output tokens /
 wall time of the whole level; latency is per request, submission to last token. transformers:
 DeepseekV3ForCausalLM loaded from the same folder, `generate` on a batch of `clients` of the
-same prompts, greedy, min_new_tokens = max_new_tokens, the fastest of 3 runs (so is the engine
-alone, `nanoseek.generate` without HTTP). The last column checks the server's text
-against transformers' greedy tokens for the same prompts (random weights: near-ties can flip).
+same prompts, greedy, min_new_tokens = max_new_tokens; the engine alone is `nanoseek.generate`
+without HTTP on the same batch. The last column checks the server's text against transformers'
+greedy tokens for the same prompts (random weights: near-ties can flip).
+
+Repeats: this machine's speed drifts by a fifth or more within minutes, so each level runs
+--repeats times, and each time transformers and the engine alone run right after the server's
+level: a ratio is taken within each such pair, and the table gives medians (tokens/s, ratios)
+and every pair's ratio. A reference timed once, or at its best of several runs, in another minute
+than the server, would measure the drift more than the code.
 
 Threads: every contender gets --threads torch threads (default 1). On a shared 2-core machine whose
 load exceeds its cores, 2 OpenMP threads spin-wait on each other and decode slows tenfold or more
@@ -124,42 +130,40 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-# transformers and the engine alone are timed this many times and keep their fastest run: on a
-# shared machine a single run of about a second can land on a slow moment, which would flatter
-# the server's ratio (the server's levels run for several seconds each)
-REFERENCE_REPEATS = 3
+class TransformersReference:
+    """transformers' DeepseekV3ForCausalLM from the same folder; run(prompts) -> (tokens/s, outputs)
+    of `generate` on that batch (all prompts the same length), greedy, exactly max_tokens new tokens."""
+
+    def __init__(self, folder: Path, max_tokens: int, dtype: torch.dtype):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        self.max_tokens = max_tokens
+
+    def run(self, prompts: list[list[int]], max_tokens: int | None = None) -> tuple[float, list[list[int]]]:
+        ids = torch.tensor(prompts)
+        n = max_tokens or self.max_tokens
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = self.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      attention_mask=torch.ones_like(ids), pad_token_id=0)
+            seconds = time.perf_counter() - start
+        return len(prompts) * n / seconds, out[:, ids.shape[1]:].tolist()
 
 
-def fastest(run):
-    """(seconds of the fastest of REFERENCE_REPEATS calls of run(), what the last call returned)."""
-    times = []
-    for _ in range(REFERENCE_REPEATS):
+class EngineAlone:
+    """nanoseek.generate in this process: the engine without HTTP, to show the server's overhead."""
+
+    def __init__(self, folder: Path, max_tokens: int, compile: bool, dtype: torch.dtype):
+        self.model = nanoseek.load(folder, dtype=dtype).eval()
+        self.max_tokens, self.compile = max_tokens, compile
+
+    def run(self, prompts: list[list[int]], max_tokens: int | None = None) -> float:
+        n = max_tokens or self.max_tokens
         start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
-    return min(times), out
-
-
-def transformers_generate(folder: Path, prompts: list[list[int]], max_tokens: int, dtype: torch.dtype):
-    """(tokens/s, outputs) of transformers' generate on this batch (all prompts the same length)."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    ids = torch.tensor(prompts)
-    kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
-        seconds, out = fastest(lambda: model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kwargs))
-    return len(prompts) * max_tokens / seconds, out[:, ids.shape[1]:].tolist()
-
-
-def engine_alone(folder: Path, prompts: list[list[int]], max_tokens: int, compile: bool, dtype: torch.dtype) -> float:
-    """tokens/s of nanoseek.generate in this process: the engine without HTTP, for the server's overhead."""
-    model = nanoseek.load(folder, dtype=dtype).eval()
-    nanoseek.generate(model, prompts, 4, stop_token_ids=[], compile=compile)  # warm-up
-    seconds, _ = fastest(lambda: nanoseek.generate(model, prompts, max_tokens, stop_token_ids=[], compile=compile))
-    return len(prompts) * max_tokens / seconds
+        nanoseek.generate(self.model, prompts, n, stop_token_ids=[], compile=self.compile)
+        return len(prompts) * n / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -173,6 +177,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every contender (see above)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and compute of every contender (the checkpoint is saved in fp32)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each level, each paired with a transformers and an engine-alone run (see above)")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--in-process", action="store_true",
                         help="also serve with `--in-process` (the engine in the server's process, as before the split)")
@@ -195,7 +201,16 @@ def main() -> None:
         servers["in-process"] = None
     if args.vllm:
         servers["vllm"] = None
-    results = {}
+    dtype = getattr(torch, args.dtype)
+    reference = alone = None
+    if not args.no_transformers:  # loaded and warmed up before any server starts
+        reference = TransformersReference(folder, args.max_tokens, dtype)
+        alone = EngineAlone(folder, args.max_tokens, args.compile, dtype)
+        for clients in args.clients:  # full length: transformers' first long generate runs slower
+            reference.run(prompts[:clients])
+            alone.run(prompts[:clients])
+    results = {}  # (server, clients) -> one dict per repeat
+    pairs = {}  # clients -> one (transformers tok/s, engine alone tok/s, outputs) per repeat of the nanoseek server
     for name in servers:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -215,25 +230,17 @@ def main() -> None:
         try:
             asyncio.run(run_level(url, "bench", prompts[:1], 1, 1, 8))  # warm-up
             for clients in args.clients:
-                rounds = max(args.rounds, -(-4 // clients))
-                before = engine_counters(url) if name != "vllm" else None
-                wall, flat, texts = asyncio.run(run_level(url, "bench", prompts, clients, rounds, args.max_tokens))
-                after = engine_counters(url) if before is not None else None
-                latencies = [x[0] for x in flat]
-                results[name, clients] = dict(
-                    tps=sum(x[2] for x in flat) / wall, p50=percentile(latencies, 0.5), p99=percentile(latencies, 0.99),
-                    ttft=statistics.median(x[1] for x in flat), texts=texts, requests=len(flat))
-                r = results[name, clients]
-                busy = ""
-                if after:
-                    d = {k: after[k] - before[k] for k in after}
-                    busy = (f", engine busy {d['busy_seconds'] / wall:.0%} of the time (prefill "
-                            f"{d['prefill_seconds'] / wall:.0%}), {d['steps']:.0f} decode steps of "
-                            f"{(d['busy_seconds'] - d['prefill_seconds']) / max(d['steps'], 1) * 1e3:.2f} ms and "
-                            f"{(sum(x[2] for x in flat) - len(flat)) / max(d['steps'], 1):.1f} rows on average, {d['prefills']:.0f} "
-                            f"prefills of {len(flat) / max(d['prefills'], 1):.1f} prompts")
-                print(f"{name} {clients} clients: {r['tps']:.0f} tok/s, p50 {r['p50']:.2f} s, p99 {r['p99']:.2f} s, "
-                      f"{r['requests']} requests{busy}", flush=True)
+                for repeat in range(args.repeats):
+                    r = measure_level(url, name, prompts, clients, args)
+                    results.setdefault((name, clients), []).append(r)
+                    line = f"{name} {clients} clients, run {repeat + 1}: {r['summary']}"
+                    if name == "nanoseek" and reference is not None:
+                        tps, outs = reference.run(prompts[:clients])
+                        engine_tps = alone.run(prompts[:clients])
+                        pairs.setdefault(clients, []).append((tps, engine_tps, outs))
+                        line += (f"; then transformers {tps:.0f} tok/s (serve / transformers {r['tps'] / tps:.2f}x), "
+                                 f"engine alone {engine_tps:.0f} tok/s")
+                    print(line, flush=True)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -247,26 +254,50 @@ def main() -> None:
     if args.vllm:
         header += " vLLM serve tok/s | vLLM p50 / p99 |"
         rule += "---|---|"
-    if not args.no_transformers:
-        header += " engine alone tok/s | transformers generate tok/s (same batch) | serve / transformers | same text as transformers |"
+    if reference is not None:
+        header += (" engine alone tok/s | transformers generate tok/s (same batch) | serve / transformers "
+                   "(median; each run) | same text as transformers |")
         rule += "---|---|---|---|"
     rows = []
     for clients in args.clients:
-        r = results["nanoseek", clients]
-        row = f"| {clients} | {r['tps']:.0f} | {r['p50']:.2f} s | {r['p99']:.2f} s | {r['ttft'] * 1000:.0f} ms |"
+        runs = results["nanoseek", clients]
+        latencies = [x for r in runs for x in r["latencies"]]
+        row = (f"| {clients} | {statistics.median(r['tps'] for r in runs):.0f} | {percentile(latencies, 0.5):.2f} s "
+               f"| {percentile(latencies, 0.99):.2f} s | {statistics.median(x for r in runs for x in r['ttfts']) * 1000:.0f} ms |")
         if args.in_process:
-            row += f" {results['in-process', clients]['tps']:.0f} |"
+            row += f" {statistics.median(r['tps'] for r in results['in-process', clients]):.0f} |"
         if args.vllm:
             v = results["vllm", clients]
-            row += f" {v['tps']:.0f} | {v['p50']:.2f} / {v['p99']:.2f} s |"
-        if not args.no_transformers:
-            tps, outs = transformers_generate(folder, prompts[:clients], args.max_tokens, getattr(torch, args.dtype))
-            same = sum(tok.decode(o, skip_special_tokens=True) == t for o, t in zip(outs, r["texts"]))
-            alone = engine_alone(folder, prompts[:clients], args.max_tokens, args.compile, getattr(torch, args.dtype))
-            row += f" {alone:.0f} | {tps:.0f} | {r['tps'] / tps:.2f}x | {same}/{clients} |"
+            vl = [x for r in v for x in r["latencies"]]
+            row += f" {statistics.median(r['tps'] for r in v):.0f} | {percentile(vl, 0.5):.2f} / {percentile(vl, 0.99):.2f} s |"
+        if reference is not None:
+            ratios = [r["tps"] / tps for r, (tps, _, _) in zip(runs, pairs[clients])]
+            same = sum(tok.decode(o, skip_special_tokens=True) == t for o, t in zip(pairs[clients][-1][2], runs[-1]["texts"]))
+            row += (f" {statistics.median(a for _, a, _ in pairs[clients]):.0f} | "
+                    f"{statistics.median(t for t, _, _ in pairs[clients]):.0f} | {statistics.median(ratios):.2f}x "
+                    f"({', '.join(f'{x:.2f}' for x in ratios)}) | {same}/{clients} |")
         rows.append(row)
-        print(row, flush=True)
-    print("\n" + "\n".join([header, rule, *rows]))
+    print("\n".join([header, rule, *rows]))
+
+
+def measure_level(url: str, name: str, prompts: list[list[int]], clients: int, args) -> dict:
+    """One level: tokens/s, latencies, first texts and a one-line summary (with the engine's counters)."""
+    rounds = max(args.rounds, -(-4 // clients))
+    before = engine_counters(url) if name != "vllm" else None
+    wall, flat, texts = asyncio.run(run_level(url, "bench", prompts, clients, rounds, args.max_tokens))
+    after = engine_counters(url) if before is not None else None
+    latencies = [x[0] for x in flat]
+    tps = sum(x[2] for x in flat) / wall
+    summary = (f"{tps:.0f} tok/s, p50 {percentile(latencies, 0.5):.2f} s, p99 {percentile(latencies, 0.99):.2f} s, "
+               f"{len(flat)} requests")
+    if after:
+        d = {k: after[k] - before[k] for k in after}
+        summary += (f", engine busy {d['busy_seconds'] / wall:.0%} of the time (prefill "
+                    f"{d['prefill_seconds'] / wall:.0%}), {d['steps']:.0f} decode steps of "
+                    f"{(d['busy_seconds'] - d['prefill_seconds']) / max(d['steps'], 1) * 1e3:.2f} ms and "
+                    f"{(sum(x[2] for x in flat) - len(flat)) / max(d['steps'], 1):.1f} rows on average, "
+                    f"{d['prefills']:.0f} prefills of {len(flat) / max(d['prefills'], 1):.1f} prompts")
+    return dict(tps=tps, latencies=latencies, ttfts=[x[1] for x in flat], texts=texts, summary=summary)
 
 
 if __name__ == "__main__":
