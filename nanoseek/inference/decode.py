@@ -227,6 +227,8 @@ def _dynamo_call(fn, args):
     if key in _WARM:
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             return compiled(fn)(*args)
+    # a first call may compile: the limits are process-wide and an AOT build since may have changed them
+    _decompose_wide_matmuls()
     out = compiled(fn)(*args)
     _WARM.add(key)
     return out
