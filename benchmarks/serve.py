@@ -141,9 +141,9 @@ class TransformersReference:
         self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         self.max_tokens = max_tokens
 
-    def run(self, prompts: list[list[int]], max_tokens: int | None = None) -> tuple[float, list[list[int]]]:
+    def run(self, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
         ids = torch.tensor(prompts)
-        n = max_tokens or self.max_tokens
+        n = self.max_tokens
         with torch.inference_mode():
             start = time.perf_counter()
             out = self.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -159,8 +159,8 @@ class EngineAlone:
         self.model = nanoseek.load(folder, dtype=dtype).eval()
         self.max_tokens, self.compile = max_tokens, compile
 
-    def run(self, prompts: list[list[int]], max_tokens: int | None = None) -> float:
-        n = max_tokens or self.max_tokens
+    def run(self, prompts: list[list[int]]) -> float:
+        n = self.max_tokens
         start = time.perf_counter()
         nanoseek.generate(self.model, prompts, n, stop_token_ids=[], compile=self.compile)
         return len(prompts) * n / (time.perf_counter() - start)

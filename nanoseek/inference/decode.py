@@ -152,8 +152,7 @@ def _aot_options(tokens_per_row: int):
 
 def compiled(fn):
     """fn compiled with torch.compile (once per process), dynamic shapes, one graph per step."""
-    if fn not in _COMPILED:
-        _decompose_wide_matmuls()
+    if fn not in _COMPILED:  # torch.compile builds on the first call: _dynamo_call sets the limits before it
         _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
     return _COMPILED[fn]
 
