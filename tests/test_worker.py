@@ -65,7 +65,7 @@ def test_engine_process_gives_what_the_engine_in_process_gives(model_dir):
     remote = EngineProcess.start(model_dir, max_batch_size=2, max_seq_len=128)
     remote.engine.start()
     try:
-        assert run(remote, jobs) == expected
+        assert run(remote, jobs) == expected  # jobs 0 and 1 are detokenized here, job 2 (stop strings) in the child
         assert expected[2][1] == "stop" and free_text.startswith(expected[2][0]) and stop not in expected[2][0]
         stats = remote.engine.stats()
         assert stats["running"] == 0 and stats["finished"] == 1 + 3 and stats["busy_seconds"] > 0  # warm-up + ours
@@ -77,6 +77,7 @@ def test_engine_process_gives_what_the_engine_in_process_gives(model_dir):
         g = remote.submit(prompts[0], SamplingParams(), max_tokens=100, ignore_eos=True,
                           on_text=lambda delta, event: started.set())
         assert started.wait(30)
+        assert g.request.text is not None  # no stop strings: its text is made in this process, not the engine's
         remote.engine.cancel(g.request)
         assert g.request.wait(30) and g.finish_reason == "cancelled" and len(g.request.tokens) < 100
     finally:

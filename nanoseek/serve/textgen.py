@@ -27,7 +27,7 @@ class Generation:
     """One submitted generation: the engine's request and its text."""
 
     request: Request
-    text: TextDecoder
+    text: TextDecoder | None  # None when the text is made elsewhere (see TextGenerator.submit)
 
     @property
     def finish_reason(self) -> str | None:
@@ -59,14 +59,16 @@ class TextGenerator:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int, stop: list[str] = (),
                ignore_eos: bool = False, on_text: Callable[[str, Event], None] | None = None,
-               images: list | None = None) -> Generation:
+               images: list | None = None, detokenize: bool = True) -> Generation:
         """Queue a generation. on_text(delta, event) is called on the engine thread after each of its
         steps (delta may be empty while text is held back); the last call has event.finished set.
-        images: the prompt's preprocessed images, in the order of its image-token runs."""
-        text = TextDecoder(self.tokenizer, stop)
+        images: the prompt's preprocessed images, in the order of its image-token runs.
+        detokenize=False: no text on this thread (deltas are ""; the event's tokens are the output)
+        unless stop strings need it; the engine process leaves the text to the server's process."""
+        text = TextDecoder(self.tokenizer, stop) if detokenize or any(stop) else None
 
         def on_event(event: Event) -> None:
-            delta = text.take(final=event.finished)
+            delta = text.take(final=event.finished) if text is not None else ""
             if on_text is not None:
                 on_text(delta, event)
 
