@@ -108,3 +108,35 @@ def test_a_dead_engine_process_fails_its_requests_and_refuses_new_ones(model_dir
 def test_a_load_error_in_the_engine_process_comes_back_as_an_error(tmp_path, model_dir):
     with pytest.raises(ValueError, match="max_seq_len"):
         EngineProcess.start(model_dir, max_seq_len=10**6)
+
+
+def test_the_engine_process_batches_its_messages_but_not_first_tokens_or_ends(model_dir):
+    """With send_interval, a request's steps arrive a few at a time, its first token and its end at
+    once, and the text is the same as with a message per step."""
+    tok = Tokenizer.load(model_dir)
+    job = dict(prompt_ids=tok.encode("def f(x):", bos=True), params=SamplingParams(), max_tokens=40, ignore_eos=True)
+    texts = {}
+    for interval in (0.0, 30.0):
+        remote = EngineProcess.start(model_dir, max_batch_size=2, max_seq_len=128, send_interval=interval)
+        remote.engine.start()
+        try:
+            calls, first_token, ended = [], threading.Event(), threading.Event()
+
+            def on_text(delta, event):
+                calls.append(len(event.tokens))
+                first_token.set()
+                if event.finished:
+                    ended.set()
+
+            g = remote.submit(**job, on_text=on_text)
+            assert first_token.wait(20) and ended.wait(20)  # neither waited for the 30 s interval
+            texts[interval] = tok.decode(g.request.tokens, skip_special_tokens=True)
+            assert sum(calls) == 40
+            if interval:  # the first step's tokens (prefill and one decode) at once, then the rest with the end
+                assert len(calls) == 2 and calls[0] <= 2
+            else:  # a message per step
+                assert len(calls) >= 39
+        finally:
+            remote.engine.stop(5)
+    assert texts[0.0] == texts[30.0] and len(texts[0.0]) > 0
+

@@ -195,12 +195,19 @@ class EngineProcess:
         self.engine, self.tokenizer = engine, tokenizer  # stop tokens and strings are applied in the child
 
     @classmethod
-    def start(cls, path, *, ready_timeout: float | None = None, **load_kwargs) -> "EngineProcess":
+    def start(cls, path, *, ready_timeout: float | None = None, send_interval: float = 0.0,
+              **load_kwargs) -> "EngineProcess":
         """Start the child, which loads `path` with textgen.load_generator(**load_kwargs) and warms
-        up (compiling, when asked); returns once it is ready. Load errors come back as ValueError."""
+        up (compiling, when asked); returns once it is ready. Load errors come back as ValueError.
+
+        send_interval: least seconds between two messages from the child, each carrying every token
+        since the last (a first token and an end go at once). Each message is a pipe write that
+        wakes this process: ~50 us of the engine's core, and the wake-ups slow its steps too. On
+        `tiny` bf16 (five interleaved pairs, 8 clients): 4,244 tok/s at 0.002 s, 4,410 at 0.005,
+        4,815 at 0.01; at 0 (a message per step) 17% below 0.005 at 8 clients and 10% at 1 client."""
         context = multiprocessing.get_context("spawn")
         parent_conn, child_conn = context.Pipe()
-        process = context.Process(target=_child_main, args=(child_conn, str(path), load_kwargs),
+        process = context.Process(target=_child_main, args=(child_conn, str(path), load_kwargs, send_interval),
                                   name="nanoseek-engine", daemon=True)
         process.start()
         child_conn.close()
@@ -234,9 +241,10 @@ class EngineProcess:
 
 
 # ---- the child process -------------------------------------------------------------------------------
-def _child_main(conn, path: str, load_kwargs: dict) -> None:
+def _child_main(conn, path: str, load_kwargs: dict, send_interval: float) -> None:
     """Load, then alternate: take every command waiting (block when there is no work), one engine
-    step, one message with what the step made for every request and the engine's stats."""
+    step; then, when a request got its first token or ended, or send_interval seconds have passed
+    since the last one, one message with what the steps made for every request and the engine's stats."""
     import torch
 
     from ..model.vision import ImageInput
@@ -253,12 +261,18 @@ def _child_main(conn, path: str, load_kwargs: dict) -> None:
     conn.send(("ready", {"config": engine.config, "limits": engine.limits, "max_batch_size": engine.max_batch_size,
                          "stats": engine.stats()}))
     generations: dict[int, Generation] = {}
-    outbox: list[tuple] = []
+    outbox: dict[int, tuple] = {}  # request id -> (id, text, tokens, finished, reason, error) since the last message
+    urgent = False  # the outbox holds a first token or an end: send it after this step, whatever the interval
+    last_sent = 0.0
 
     def on_text_for(rid: int):
         def on_text(delta: str, event: Event) -> None:
-            error = generations[rid].request.error if event.finished else None
-            outbox.append((rid, delta, event.tokens, event.finished, event.finish_reason, error))
+            nonlocal urgent
+            request = generations[rid].request
+            error = request.error if event.finished else None
+            _, text, tokens, _, _, _ = outbox.get(rid, (rid, "", [], False, None, None))
+            outbox[rid] = (rid, text + delta, tokens + event.tokens, event.finished, event.finish_reason, error)
+            urgent |= event.finished or len(request.tokens) == len(event.tokens) > 0
             if event.finished:
                 del generations[rid]
         return on_text
@@ -280,7 +294,8 @@ def _child_main(conn, path: str, load_kwargs: dict) -> None:
                                 on_text=on_text_for(rid), detokenize=False, images=[ImageInput(torch.from_numpy(np.asarray(v)), tuple(t))
                                                                   for v, t in images])
                         except ValueError as e:  # checked in the parent already; kept as a safety net
-                            outbox.append((rid, "", [], True, "error", str(e)))
+                            outbox[rid] = (rid, "", [], True, "error", str(e))
+                            urgent = True
                     elif kind == "cancel":
                         if message[1] in generations:
                             engine.cancel(generations[message[1]].request)
@@ -292,9 +307,10 @@ def _child_main(conn, path: str, load_kwargs: dict) -> None:
                     engine.step()
                 except Exception:  # step() has failed the requests in flight (reported below); keep serving
                     traceback.print_exc()
-            if outbox:
-                conn.send(("events", outbox, engine.stats()))
-                outbox = []
+            now = time.perf_counter()
+            if outbox and (urgent or now - last_sent >= send_interval or not engine.has_work):
+                conn.send(("events", list(outbox.values()), engine.stats()))
+                outbox, urgent, last_sent = {}, False, now
     except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the server went away
         return
     except Exception:
