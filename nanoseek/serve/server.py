@@ -46,9 +46,10 @@ STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # room for a few base64 images; JSON text prompts are far smaller
 # --stream-interval S: the engine process sends what its steps made at most every S seconds (a first
 # token and an end at once), and a stream sends at most one chunk per S seconds, with every token
-# in between. Each message from the engine process wakes the server's: at one per step (S = 0,
-# OpenAI's chunk per token) the served tokens/s on `tiny` bf16 at 8 clients were 15% lower than at
-# 0.005 s, which 0.01 s beat by another 9% (worker.py). A chunk every 10 ms still streams at 100 a second.
+# in between. Each message from the engine process costs its core a pipe write and wakes the
+# server's: at 0.01 s the served tokens/s on `tiny` bf16 at 8 clients were 1-18% above S = 0 (a
+# message and a chunk per step, as OpenAI streams) in three interleaved comparisons (README). A
+# chunk every 10 ms still streams at 100 a second.
 DEFAULT_STREAM_INTERVAL = 0.01
 
 

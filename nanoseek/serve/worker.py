@@ -201,10 +201,9 @@ class EngineProcess:
         up (compiling, when asked); returns once it is ready. Load errors come back as ValueError.
 
         send_interval: least seconds between two messages from the child, each carrying every token
-        since the last (a first token and an end go at once). Each message is a pipe write that
-        wakes this process: ~50 us of the engine's core, and the wake-ups slow its steps too. On
-        `tiny` bf16 (five interleaved pairs, 8 clients): 4,244 tok/s at 0.002 s, 4,410 at 0.005,
-        4,815 at 0.01; at 0 (a message per step) 17% below 0.005 at 8 clients and 10% at 1 client."""
+        since the last (a first token and an end go at once). Each message is a pipe write, ~50 us
+        of the engine's core, that wakes this process; `nanoseek serve` passes its --stream-interval
+        (see server.py for what it gained)."""
         context = multiprocessing.get_context("spawn")
         parent_conn, child_conn = context.Pipe()
         process = context.Process(target=_child_main, args=(child_conn, str(path), load_kwargs, send_interval),
