@@ -272,3 +272,29 @@ def test_compiled_steps_are_kept_on_disk_and_reloaded(model):
         aot._ARTIFACTS.update(saved_artifacts)
         decode._FAILED.clear()  # had it failed, the failure must not turn compiling off for later tests
     assert again == first
+
+
+def test_the_compiled_step_cache_drops_the_least_recently_used_beyond_its_budget(tmp_path, monkeypatch):
+    import os
+
+    from nanoseek.inference import aot
+
+    files = []
+    for age, name in enumerate(["newest", "used", "old", "oldest"]):
+        path = tmp_path / f"decode_step-{name}.pt2"
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (1e9 - age * 100, 1e9 - age * 100))
+        files.append(path)
+    just_written = tmp_path / "decode_step-just-written.pt2"
+    just_written.write_bytes(b"x" * 1000)
+    os.utime(just_written, (1, 1))  # older than all (a coarse clock): still never the one deleted
+    (tmp_path / "notes.txt").write_text("not an artifact")
+    deleted = aot.prune_cache(tmp_path, just_written, budget=3000)
+    assert sorted(p.name for p in deleted) == ["decode_step-old.pt2", "decode_step-oldest.pt2"]
+    assert just_written.exists() and files[0].exists() and files[1].exists() and (tmp_path / "notes.txt").exists()
+    assert aot.prune_cache(tmp_path, just_written, budget=10**6) == []  # under budget: nothing goes
+    monkeypatch.setenv("NANOSEEK_CACHE_MB", "0.5")
+    assert aot.cache_budget_bytes() == 2**19
+    monkeypatch.setenv("NANOSEEK_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="NANOSEEK_CACHE_MB"):
+        aot.cache_budget_bytes()

@@ -21,6 +21,9 @@ NANOSEEK_CACHE=off keeps nothing), under a hash of everything that shapes the co
 step, the model's config and dtypes, the sampling flags, the batch, the buffers' shapes, the
 inductor options, torch's version, the CPU's instruction set and nanoseek's own source. A second
 `serve --compile` of the same model starts in seconds instead of minutes. Weights never go there.
+The folder is bounded: after each write the least recently used artifacts (a load counts as a
+use) go until it holds at most $NANOSEEK_CACHE_MB megabytes (default 1024; ~3 MB an artifact on
+`tiny`), since every change of model, torch or nanoseek's source makes new ones.
 """
 
 from __future__ import annotations
@@ -64,6 +67,49 @@ def _directory() -> str:
         _DIR = tempfile.mkdtemp(prefix="nanoseek-aot-")
         atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
     return _DIR
+
+
+DEFAULT_CACHE_MB = 1024
+
+
+def cache_budget_bytes() -> int:
+    """Bytes the disk cache may hold ($NANOSEEK_CACHE_MB megabytes; a bad value is an error, not ignored)."""
+    raw = os.environ.get("NANOSEEK_CACHE_MB", "").strip()
+    try:
+        megabytes = float(raw) if raw else DEFAULT_CACHE_MB
+    except ValueError:
+        raise ValueError(f"NANOSEEK_CACHE_MB must be a number of megabytes, got {raw!r}") from None
+    if megabytes < 0:
+        raise ValueError(f"NANOSEEK_CACHE_MB must be 0 or more, got {raw!r}")
+    return int(megabytes * 2**20)
+
+
+def prune_cache(folder: Path, keep: Path, budget: int) -> list[Path]:
+    """Delete the least recently used artifacts in folder until it holds at most `budget` bytes,
+    never `keep` (the one just written). Returns what was deleted. Another process may be pruning
+    or loading at the same time: a file already gone is skipped, and one deleted under a reader
+    only costs that reader a rebuild (an unreadable artifact is rebuilt, see _load_or_compile)."""
+    entries = []
+    for path in folder.glob("*.pt2"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        entries.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    deleted = []
+    for _, size, path in sorted(entries):  # oldest use first
+        if total <= budget:
+            break
+        if path == keep:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        deleted.append(path)
+    return deleted
 
 
 def cache_dir() -> Path | None:
@@ -145,7 +191,8 @@ def _load_or_compile(fn, model, flags, padded, args, options):
     if cached is not None and cached.is_file():
         try:
             runner = _Runner(torch._inductor.aoti_load_package(str(cached)))
-        except Exception as e:  # a damaged file: build it again
+            os.utime(cached)  # a use: pruning removes the least recently used first
+        except Exception as e:  # a damaged file (or one pruned by another process): build it again
             warnings.warn(f"{cached}: unreadable compiled step ({type(e).__name__}: {e}); rebuilding it")
     if runner is None:
         runner, lifted = _compile(step, tensors, args, options, cached)
@@ -174,6 +221,7 @@ def _compile(step: _Step, module_tensors: dict, args, options, cached: Path | No
             partial = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
             shutil.copyfile(package, partial)
             os.replace(partial, cached)
+            prune_cache(cached.parent, cached, cache_budget_bytes())
         except OSError as e:  # a read-only home still serves, just without the cache
             warnings.warn(f"could not keep the compiled step in {cached.parent}: {e}")
     return _Runner(torch._inductor.aoti_load_package(package)), lifted
