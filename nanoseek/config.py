@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")

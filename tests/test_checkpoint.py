@@ -1,7 +1,6 @@
 """Checkpoint folders: FP8 block-scaled weights, sharding, and clear errors for bad input."""
 
 import json
-import os
 
 import pytest
 import torch

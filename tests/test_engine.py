@@ -3,7 +3,6 @@
 import threading
 
 import pytest
-import torch
 
 import nanoseek
 from nanoseek.inference import Engine, SamplingParams

@@ -1,7 +1,6 @@
 """`nanoseek generate` end to end on a saved random model with a freshly trained tokenizer, and the text helpers."""
 
 import pytest
-import torch
 
 import nanoseek
 from nanoseek.cli import main

@@ -2,7 +2,6 @@
 headless Chromium: completions, streaming, concurrency, limits, disconnects and the chat page."""
 
 import asyncio
-import json
 import os
 import re
 import signal

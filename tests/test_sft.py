@@ -4,7 +4,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 import nanoseek
 from nanoseek.tokenizer import EOS, Tokenizer

@@ -91,7 +91,7 @@ def chi_square(samples: torch.Tensor, probs: torch.Tensor) -> float:
 def test_rejection_sampling_keeps_the_target_distribution():
     """accept() on fixed target and draft distributions: the output follows the target exactly."""
     torch.manual_seed(0)
-    V, n, k = 5, 60000, 2
+    n, k = 60000, 2  # over a vocabulary of 5
     p = torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05], [0.05, 0.05, 0.5, 0.1, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]])
     q = torch.tensor([[0.1, 0.1, 0.2, 0.3, 0.3], [0.3, 0.0, 0.3, 0.2, 0.2]])
     s = SamplingBatch.from_params([SamplingParams(temperature=1.0, seed=i) for i in range(n)])

@@ -22,8 +22,10 @@ import json
 import os
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -40,6 +42,17 @@ MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # errors the commands report as a one-line message: bad input or a damaged checkpoint
 USER_ERRORS = (CheckpointError, ConfigError, DataError, DeviceError, TokenizerError)
+
+
+def report_user_errors(command: str, body: Callable[[], int | None], more_errors: tuple = ()) -> int:
+    """Run a command's body: its exit status (0 for None), or, on bad input or a damaged checkpoint
+    (USER_ERRORS and more_errors), a one-line message and status 2 instead of a traceback."""
+    try:
+        status = body()
+    except (*USER_ERRORS, *more_errors) as e:
+        print(f"nanoseek {command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if status is None else status
 
 
 def _sha256(path: Path) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..model.params import count_parameters, human
 from ..model.transformer import build_model
 from ..tokenizer import Tokenizer, sample_texts
 from ..checkpoint import CheckpointError
-from .checkpoint import USER_ERRORS, list_checkpoints, read_state, resolve_resume
+from .checkpoint import list_checkpoints, read_state, report_user_errors, resolve_resume
 from ..runtime import pick_device
 from .metrics import pick_dtype
 from .trainer import Settings, Trainer
@@ -172,11 +171,7 @@ def complete(model, tok: Tokenizer, prompt: str, max_new_tokens: int, temperatur
 
 
 def run(args) -> int:
-    try:
-        return _run(args)
-    except USER_ERRORS as e:  # bad input or a damaged checkpoint: a message, not a traceback
-        print(f"nanoseek train: error: {e}", file=sys.stderr)
-        return 2
+    return report_user_errors("train", lambda: _run(args))
 
 
 def _run(args) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import zlib
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from ..checkpoint import CheckpointError
 from ..checkpoint import load as load_model
 from ..tokenizer import Tokenizer, TokenizerError
-from .checkpoint import USER_ERRORS, list_checkpoints, read_state, resolve_resume
+from .checkpoint import list_checkpoints, read_state, report_user_errors, resolve_resume
 from .pretrain import add_settings_arguments, settings_from_args
 from ..runtime import pick_device
 from .metrics import pick_dtype
@@ -131,11 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    try:
-        return _run(args)
-    except USER_ERRORS as e:  # bad input or a damaged checkpoint: a message, not a traceback
-        print(f"nanoseek sft: error: {e}", file=sys.stderr)
-        return 2
+    return report_user_errors("sft", lambda: _run(args))
 
 
 def _run(args) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -37,7 +36,7 @@ from ..runtime import pick_device
 from ..tokenizer import Tokenizer
 from .balance import moe_layers, routed_counts, update_router_bias
 from .optim import build_optimizer, lr_at
-from .checkpoint import USER_ERRORS
+from .checkpoint import report_user_errors
 from .vlm_data import ClassTask, Example, VLMDataError, make_batch, medmnist_examples, read_jsonl
 from .vlm_eval import evaluate
 
@@ -346,9 +345,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    try:
-        run_training(args)
-    except (*USER_ERRORS, VLMDataError) as e:  # bad input: a message, not a traceback
-        print(f"nanoseek train-vlm: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return report_user_errors("train-vlm", lambda: run_training(args), (VLMDataError,))

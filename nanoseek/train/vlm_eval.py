@@ -12,7 +12,6 @@ over classes for more than two, as MedMNIST does. The last line printed is `accu
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
@@ -149,13 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .checkpoint import USER_ERRORS
+    from .checkpoint import report_user_errors
 
-    try:
-        return _run(args)
-    except (*USER_ERRORS, VLMDataError) as e:  # bad input: a message, not a traceback
-        print(f"nanoseek eval-vlm: error: {e}", file=sys.stderr)
-        return 2
+    return report_user_errors("eval-vlm", lambda: _run(args), (VLMDataError,))
 
 
 def _run(args) -> int:
