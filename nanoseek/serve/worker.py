@@ -8,11 +8,11 @@ way. The child process loads the model and runs the engine; the server process k
 tokenizer for prompts and chat templates, checks each request against the engine's limits before
 it crosses (a bad one gets its 400 at once), and receives messages with every running request's
 new tokens (one per `send_interval`, and at once for a first token or an end), which it turns into
-text (as vLLM's front end does): detokenizing in
-the child took time from every step, and moving it to the server's process took the served decode
-step on `tiny` at 8 clients from 1.84 to 1.69 ms and tokens/s up 10% (six interleaved pairs). A
-request with stop strings is the exception: the child decodes its text too, so that it ends in the
-very step where a stop string appears, as in-process.
+text (as vLLM's front end does): detokenizing in the child took time from every step, and moving
+it to the server's process took the served decode step on `tiny` at 8 clients from 1.84 to 1.69
+ms and tokens/s up 10% (six interleaved pairs). A request with stop strings is the exception: the
+child decodes its text too, so that it ends in the very step where a stop string appears, as
+in-process.
 
     generator = EngineProcess.start("runs/sft/latest", max_batch_size=8, compile=True)
     g = generator.submit(prompt_ids, SamplingParams(), max_tokens=64, on_text=callback)
