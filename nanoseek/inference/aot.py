@@ -205,6 +205,7 @@ def _load_or_compile(fn, model, flags, padded, args, options):
 
 def _compile(step: _Step, module_tensors: dict, args, options, cached: Path | None) -> tuple:
     """(runner, the tensors it needs that are not the model's: constants that export lifted out of the code)."""
+    budget = cache_budget_bytes() if cached is not None else 0  # a bad setting fails before the build, not after
     max_len = args[1].shape[2]  # of the cache, (layers, slots, max_len, R)
     S = torch.export.Dim("attend", min=2, max=max_len - 1)
     dynamic = ({0: S}, (None,) * (len(args) - 1))  # (span, *args): everything but the attended length static
@@ -221,7 +222,7 @@ def _compile(step: _Step, module_tensors: dict, args, options, cached: Path | No
             partial = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
             shutil.copyfile(package, partial)
             os.replace(partial, cached)
-            prune_cache(cached.parent, cached, cache_budget_bytes())
+            prune_cache(cached.parent, cached, budget)
         except OSError as e:  # a read-only home still serves, just without the cache
             warnings.warn(f"could not keep the compiled step in {cached.parent}: {e}")
     return _Runner(torch._inductor.aoti_load_package(package)), lifted
