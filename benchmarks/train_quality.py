@@ -15,6 +15,7 @@ loss of each, and writes one PNG with both validation curves against wall-clock 
 fp32, to see what bf16 does to the loss curve (and how much faster it gets there).
 
     python benchmarks/train_quality.py --corpus ../shared/data/text/tinyshakespeare.txt --minutes 5
+    python benchmarks/train_quality.py --minutes 10 --dtype fp32 --out runs/q_moe_dense_fp32
     python benchmarks/train_quality.py --mode bf16-vs-fp32 --steps 200
 """
 
@@ -39,6 +40,8 @@ def main():
     parser.add_argument("--mode", choices=["moe-vs-dense", "bf16-vs-fp32"], default="moe-vs-dense")
     parser.add_argument("--minutes", type=float, default=5.0, help="moe-vs-dense: the wall-clock budget of each run")
     parser.add_argument("--steps", type=int, default=200, help="bf16-vs-fp32: the steps of each run")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="moe-vs-dense: the training dtype of both runs (auto: what `nanoseek train` measures faster)")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--out", default=None, help="folder for both runs and the plot (default: a temp folder)")
@@ -56,7 +59,7 @@ def main():
               "--vocab-size", str(args.vocab_size), "--threads", "1", "--save-every", "0", "--max-new-tokens", "40",
               "--set", f"intermediate_size={active_width}", *args.train_args.split()]
     if args.mode == "moe-vs-dense":
-        common += ["--minutes", str(args.minutes), "--dtype", "auto"]
+        common += ["--minutes", str(args.minutes), "--dtype", args.dtype]
         runs = {"moe": [], "dense": ["--set", "n_routed_experts=0"]}
     else:
         common += ["--steps", str(args.steps), "--log-every", "1"]
