@@ -16,6 +16,7 @@ fp32, to see what bf16 does to the loss curve (and how much faster it gets there
 
     python benchmarks/train_quality.py --corpus ../shared/data/text/tinyshakespeare.txt --minutes 5
     python benchmarks/train_quality.py --minutes 10 --dtype fp32 --out runs/q_moe_dense_fp32
+    python benchmarks/train_quality.py --corpus stdlib --minutes 10 --dtype fp32 --out runs/q_moe_dense_stdlib
     python benchmarks/train_quality.py --mode bf16-vs-fp32 --steps 200
 """
 
@@ -49,7 +50,7 @@ def main():
     parser.add_argument("--train-args", default="--batch-size 8 --seq-len 256 --eval-every 50 --eval-batches 20 --lr 2e-3",
                         help="extra `nanoseek train` arguments, the same for both runs")
     args = parser.parse_args()
-    if not Path(args.corpus).exists():
+    if args.corpus != "stdlib" and not Path(args.corpus).exists():  # stdlib: Python's own sources, as the main job
         sys.exit(f"corpus {args.corpus} not found")
     config = nanoseek.get_preset(args.preset)
     active_width = (config.num_experts_per_tok + config.n_shared_experts) * config.moe_intermediate_size
