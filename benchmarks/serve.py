@@ -57,6 +57,13 @@ def build_checkpoint(preset: str, folder: Path) -> Path:
     return folder
 
 
+def nanoseek_serve_command(folder: Path, port: int, max_batch_size: int, args, extra: list[str]) -> list[str]:
+    """`nanoseek serve` of the benchmark's model as "bench", sized for args' prompts and outputs."""
+    return [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(folder), "--port", str(port),
+            "--model-name", "bench", "--max-batch-size", str(max_batch_size),
+            "--max-seq-len", str(args.prompt_len + args.max_tokens + 64), "--dtype", args.dtype, *extra]
+
+
 def engine_counters(url: str) -> dict | None:
     """The nanoseek engine's counters so far (busy and prefill seconds, decode steps, prefills), from
     /metrics; None for other servers."""
@@ -215,10 +222,8 @@ def main() -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         if name in ("nanoseek", "in-process"):
-            command = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(folder), "--port", str(port),
-                       "--model-name", "bench", "--max-batch-size", str(max(args.clients)),
-                       "--max-seq-len", str(args.prompt_len + args.max_tokens + 64), "--dtype", args.dtype] + (
-                       ["--compile"] if args.compile else []) + (["--in-process"] if name == "in-process" else [])
+            command = nanoseek_serve_command(folder, port, max(args.clients), args, (
+                ["--compile"] if args.compile else []) + (["--in-process"] if name == "in-process" else []))
             env = {"OMP_NUM_THREADS": str(args.threads)}
         else:
             command = [args.vllm, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),

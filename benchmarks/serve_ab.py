@@ -18,14 +18,13 @@ import argparse
 import asyncio
 import shlex
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 import nanoseek
-from serve import build_checkpoint, free_port, measure_level, run_level, start_server
+from serve import build_checkpoint, free_port, measure_level, nanoseek_serve_command, run_level, start_server
 
 
 def main() -> None:
@@ -59,9 +58,7 @@ def main() -> None:
         for name, flags in variants.items():
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            command = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(folder), "--port", str(port),
-                       "--model-name", "bench", "--max-batch-size", str(args.clients), "--max-seq-len",
-                       str(args.prompt_len + args.max_tokens + 64), "--dtype", args.dtype, "--compile", *flags]
+            command = nanoseek_serve_command(folder, port, args.clients, args, ["--compile", *flags])
             procs.append(start_server(command, url, work / f"{name}.log", {"OMP_NUM_THREADS": "1"}))
             asyncio.run(run_level(url, "bench", prompts[:1], 1, 1, 8))  # warm-up
             urls[name] = url

@@ -108,8 +108,8 @@ def _widest_decomposed(rows: int, dtype: torch.dtype) -> int:
     return BF16_WIDEST_DECOMPOSED_FROM_8_ROWS if dtype == torch.bfloat16 and rows >= 8 else WIDEST_DECOMPOSED
 
 
-def _decomposition(rows: int, widest: int | None = None) -> dict:
-    return {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": widest or WIDEST_DECOMPOSED,
+def _decomposition(rows: int, widest: int = WIDEST_DECOMPOSED) -> dict:
+    return {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": widest,
                                   "cpu_max_first_dimension_decomposition": rows}}
 
 
@@ -125,7 +125,7 @@ COMPILE_OPTIONS = {
 AOT_OPTIONS = {k: v for k, v in COMPILE_OPTIONS.items() if k != "cpp_wrapper"}  # AOTInductor is C++ anyway
 
 
-def _decompose_wide_matmuls(rows: int = MOST_ROWS_DECOMPOSED, widest: int | None = None) -> None:
+def _decompose_wide_matmuls(rows: int = MOST_ROWS_DECOMPOSED, widest: int = WIDEST_DECOMPOSED) -> None:
     """Let decompose_mm_pass take matrices wider than its 2048 default (left to oneDNN, the output
     head, 4096 wide on `tiny`, alone costs as much as the rest of a batch-1 step) and up to `rows`
     rows instead of 1 (a speculative verify, a batch). Inductor reads the limits from module
@@ -136,7 +136,7 @@ def _decompose_wide_matmuls(rows: int = MOST_ROWS_DECOMPOSED, widest: int | None
     except ImportError:
         return
     if hasattr(decompose_mem_bound_mm, "cpu_max_other_dimension_decomposition"):
-        decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = widest or WIDEST_DECOMPOSED
+        decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = widest
         decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = rows
 
 
