@@ -115,9 +115,10 @@ def _decomposition(rows: int, widest: int = WIDEST_DECOMPOSED) -> dict:
 
 COMPILE_OPTIONS = {
     "cpp_wrapper": True,
-    # single-threaded kernels: a decode step's loops are microseconds long, so splitting them over
+    # single-threaded kernels: a batch-1 step's loops are microseconds long, so splitting them over
     # threads costs more in synchronisation than it saves, and far more on a busy machine, where a
-    # spinning thread waits for a descheduled one (extern matmuls still use torch's threads)
+    # spinning thread waits for a descheduled one (extern matmuls still use torch's threads).
+    # Ahead-of-time steps of 4 rows and more use torch's threads instead (PARALLEL_KERNELS_FROM_ROWS).
     "cpp.threads": 1,
     # the limits are also here so that inductor's compile cache tells settings apart
     "post_grad_fusion_options": _decomposition(MOST_ROWS_DECOMPOSED),
@@ -140,13 +141,26 @@ def _decompose_wide_matmuls(rows: int = MOST_ROWS_DECOMPOSED, widest: int = WIDE
         decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = rows
 
 
+# From this many rows a step's fused kernels are long enough (100-400 us each at batch 8 on `tiny`)
+# that splitting them over torch's threads pays: the same step compiled both ways, bf16, 2 threads:
+# batch 4 1.03-1.07 -> 0.74-1.06 ms, batch 8 1.51-1.67 -> 1.01-1.17, batch 16 3.65-4.47 -> 2.08-2.13;
+# fp32 batch 8 2.83-2.98 -> 2.10-2.15. A batch-1 step got slower (0.39 -> 0.44 ms), so fewer rows
+# keep single-threaded kernels. With one torch thread nothing changes.
+PARALLEL_KERNELS_FROM_ROWS = 4
+
+
+def _kernel_threads(rows: int) -> int:
+    return torch.get_num_threads() if rows >= PARALLEL_KERNELS_FROM_ROWS else 1
+
+
 def _aot_options(tokens_per_row: int):
     """Inductor options (set up for the compile about to run) of an artifact for a batch size and dtype."""
     def options(batch: int, dtype: torch.dtype) -> dict:
         rows = min(batch * tokens_per_row, AOT_MOST_ROWS_DECOMPOSED)
         widest = _widest_decomposed(batch * tokens_per_row, dtype)
         _decompose_wide_matmuls(rows, widest)
-        return {**AOT_OPTIONS, "post_grad_fusion_options": _decomposition(rows, widest)}
+        return {**AOT_OPTIONS, "post_grad_fusion_options": _decomposition(rows, widest),
+                "cpp.threads": _kernel_threads(batch * tokens_per_row)}
     return options
 
 
