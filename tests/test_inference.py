@@ -298,3 +298,20 @@ def test_the_compiled_step_cache_drops_the_least_recently_used_beyond_its_budget
     monkeypatch.setenv("NANOSEEK_CACHE_MB", "lots")
     with pytest.raises(ValueError, match="NANOSEEK_CACHE_MB"):
         aot.cache_budget_bytes()
+
+
+def test_batched_compiled_steps_split_their_kernels_over_torchs_threads_unless_waiting_is_passive(monkeypatch):
+    from nanoseek.inference import decode
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        batch1, batch8 = decode._aot_options(1)(1, torch.bfloat16), decode._aot_options(1)(8, torch.bfloat16)
+        verify4 = decode._aot_options(4)(1, torch.float32)  # a speculative verify of 3 drafts: 4 rows
+        assert (batch1["cpp.threads"], batch8["cpp.threads"], verify4["cpp.threads"]) == (1, 2, 2)
+        monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+        assert decode._aot_options(1)(8, torch.bfloat16)["cpp.threads"] == 1
+    finally:
+        torch.set_num_threads(threads)
+        decode._decompose_wide_matmuls()  # the options call set inductor's process-wide limits

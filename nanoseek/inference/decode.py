@@ -11,6 +11,7 @@ recompiling) and then to eager, each with a warning. Both compiled paths use the
 of COMPILE_OPTIONS.
 """
 
+import os
 import warnings
 import weakref
 
@@ -145,12 +146,16 @@ def _decompose_wide_matmuls(rows: int = MOST_ROWS_DECOMPOSED, widest: int = WIDE
 # that splitting them over torch's threads pays: the same step compiled both ways, bf16, 2 threads:
 # batch 4 1.03-1.07 -> 0.74-1.06 ms, batch 8 1.51-1.67 -> 1.01-1.17, batch 16 3.65-4.47 -> 2.08-2.13;
 # fp32 batch 8 2.83-2.98 -> 2.10-2.15. A batch-1 step got slower (0.39 -> 0.44 ms), so fewer rows
-# keep single-threaded kernels. With one torch thread nothing changes.
+# keep single-threaded kernels. With one torch thread nothing changes. Under OMP_WAIT_POLICY=PASSIVE
+# every parallel kernel wakes a sleeping thread: a served batch-8 step took 4.3 ms instead of 1.1,
+# far worse than one thread, so then kernels stay single-threaded.
 PARALLEL_KERNELS_FROM_ROWS = 4
 
 
 def _kernel_threads(rows: int) -> int:
-    return torch.get_num_threads() if rows >= PARALLEL_KERNELS_FROM_ROWS else 1
+    if rows < PARALLEL_KERNELS_FROM_ROWS or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        return 1
+    return torch.get_num_threads()
 
 
 def _aot_options(tokens_per_row: int):
