@@ -308,8 +308,8 @@ def test_batched_compiled_steps_split_their_kernels_over_torchs_threads_unless_w
     try:
         torch.set_num_threads(2)
         batch1, batch8 = decode._aot_options(1)(1, torch.bfloat16), decode._aot_options(1)(8, torch.bfloat16)
-        verify4 = decode._aot_options(4)(1, torch.float32)  # a speculative verify of 3 drafts: 4 rows
-        assert (batch1["cpp.threads"], batch8["cpp.threads"], verify4["cpp.threads"]) == (1, 2, 2)
+        verify2 = decode._aot_options(2)(1, torch.float32)  # a speculative verify of 1 draft: 2 rows
+        assert (batch1["cpp.threads"], batch8["cpp.threads"], verify2["cpp.threads"]) == (1, 2, 2)
         monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
         assert decode._aot_options(1)(8, torch.bfloat16)["cpp.threads"] == 1
     finally:

@@ -119,7 +119,7 @@ COMPILE_OPTIONS = {
     # single-threaded kernels: a batch-1 step's loops are microseconds long, so splitting them over
     # threads costs more in synchronisation than it saves, and far more on a busy machine, where a
     # spinning thread waits for a descheduled one (extern matmuls still use torch's threads).
-    # Ahead-of-time steps of 4 rows and more use torch's threads instead (PARALLEL_KERNELS_FROM_ROWS).
+    # Ahead-of-time steps of 2 rows and more use torch's threads instead (PARALLEL_KERNELS_FROM_ROWS).
     "cpp.threads": 1,
     # the limits are also here so that inductor's compile cache tells settings apart
     "post_grad_fusion_options": _decomposition(MOST_ROWS_DECOMPOSED),
@@ -143,13 +143,15 @@ def _decompose_wide_matmuls(rows: int = MOST_ROWS_DECOMPOSED, widest: int = WIDE
 
 
 # From this many rows a step's fused kernels are long enough (100-400 us each at batch 8 on `tiny`)
-# that splitting them over torch's threads pays: the same step compiled both ways, bf16, 2 threads:
-# batch 4 1.03-1.07 -> 0.74-1.06 ms, batch 8 1.51-1.67 -> 1.01-1.17, batch 16 3.65-4.47 -> 2.08-2.13;
-# fp32 batch 8 2.83-2.98 -> 2.10-2.15. A batch-1 step got slower (0.39 -> 0.44 ms), so fewer rows
-# keep single-threaded kernels. With one torch thread nothing changes. Under OMP_WAIT_POLICY=PASSIVE
-# every parallel kernel wakes a sleeping thread: a served batch-8 step took 4.3 ms instead of 1.1,
-# far worse than one thread, so then kernels stay single-threaded.
-PARALLEL_KERNELS_FROM_ROWS = 4
+# that splitting them over torch's threads pays: the same step compiled both ways, 2 threads (ms):
+# bf16 batch 2 0.76-0.85 -> 0.62-0.67, batch 4 1.03-1.07 -> 0.74-1.06, batch 8 1.51-1.67 -> 1.01-1.17,
+# batch 16 3.65-4.47 -> 2.08-2.13; fp32 batch 2 0.85-0.95 -> 0.59-0.66, batch 8 2.83-2.98 -> 2.10-2.15;
+# a speculative round at batch 1 with one draft (a 2-row verify) made 0.90x plain decode's tokens/s
+# instead of 0.65x. A batch-1 step got slower (0.39 -> 0.44 ms), so it keeps single-threaded
+# kernels. With one torch thread nothing changes. Under OMP_WAIT_POLICY=PASSIVE every parallel
+# kernel wakes a sleeping thread: a served batch-8 step took 4.3 ms instead of 1.1, far worse than
+# one thread, so then kernels stay single-threaded.
+PARALLEL_KERNELS_FROM_ROWS = 2
 
 
 def _kernel_threads(rows: int) -> int:
