@@ -47,10 +47,12 @@ DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # room for a few base64 images; JSON text p
 # --stream-interval S: the engine process sends what its steps made at most every S seconds (a first
 # token and an end at once), and a stream sends at most one chunk per S seconds, with every token
 # in between. Each message from the engine process costs its core a pipe write and wakes the
-# server's: at 0.01 s the served tokens/s on `tiny` bf16 at 8 clients were 1-18% above S = 0 (a
-# message and a chunk per step, as OpenAI streams) in three interleaved comparisons (README). A
-# chunk every 10 ms still streams at 100 a second.
-DEFAULT_STREAM_INTERVAL = 0.01
+# server's, and each chunk costs both processes JSON and a socket write: on `tiny` bf16, 2 threads,
+# interleaved comparisons (README), 0.03 s served 9% more tokens/s than 0.01 s at 1 client, 13% more
+# at 8 and 22% more at 32; 0.01 s had been 1-18% above S = 0 (a message and a chunk per step, as
+# OpenAI streams) at 8 clients. A chunk every 30 ms still streams at 33 a second, faster than text
+# can be read; the first token and the end go at once.
+DEFAULT_STREAM_INTERVAL = 0.03
 
 
 # ---- the app ----------------------------------------------------------------------------------------
