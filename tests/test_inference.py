@@ -300,7 +300,7 @@ def test_the_compiled_step_cache_drops_the_least_recently_used_beyond_its_budget
         aot.cache_budget_bytes()
 
 
-def test_batched_compiled_steps_split_their_kernels_over_torchs_threads_unless_waiting_is_passive(monkeypatch):
+def test_compiled_steps_split_their_kernels_over_torchs_threads_unless_waiting_is_passive(monkeypatch):
     from nanoseek.inference import decode
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
@@ -309,7 +309,10 @@ def test_batched_compiled_steps_split_their_kernels_over_torchs_threads_unless_w
         torch.set_num_threads(2)
         batch1, batch8 = decode._aot_options(1)(1, torch.bfloat16), decode._aot_options(1)(8, torch.bfloat16)
         verify2 = decode._aot_options(2)(1, torch.float32)  # a speculative verify of 1 draft: 2 rows
-        assert (batch1["cpp.threads"], batch8["cpp.threads"], verify2["cpp.threads"]) == (1, 2, 2)
+        assert (batch1["cpp.threads"], batch8["cpp.threads"], verify2["cpp.threads"]) == (2, 2, 2)
+        torch.set_num_threads(1)
+        assert decode._aot_options(1)(8, torch.bfloat16)["cpp.threads"] == 1
+        torch.set_num_threads(2)
         monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
         assert decode._aot_options(1)(8, torch.bfloat16)["cpp.threads"] == 1
     finally:

@@ -116,10 +116,8 @@ def _decomposition(rows: int, widest: int = WIDEST_DECOMPOSED) -> dict:
 
 COMPILE_OPTIONS = {
     "cpp_wrapper": True,
-    # single-threaded kernels: a batch-1 step's loops are microseconds long, so splitting them over
-    # threads costs more in synchronisation than it saves, and far more on a busy machine, where a
-    # spinning thread waits for a descheduled one (extern matmuls still use torch's threads).
-    # Ahead-of-time steps of 2 rows and more use torch's threads instead (PARALLEL_KERNELS_FROM_ROWS).
+    # single-threaded kernels on this fallback path (extern matmuls still use torch's threads); the
+    # ahead-of-time steps, the ones normally run, use torch's threads (_kernel_threads)
     "cpp.threads": 1,
     # the limits are also here so that inductor's compile cache tells settings apart
     "post_grad_fusion_options": _decomposition(MOST_ROWS_DECOMPOSED),
@@ -142,22 +140,17 @@ def _decompose_wide_matmuls(rows: int = MOST_ROWS_DECOMPOSED, widest: int = WIDE
         decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = rows
 
 
-# From this many rows a step's fused kernels are long enough (100-400 us each at batch 8 on `tiny`)
-# that splitting them over torch's threads pays: the same step compiled both ways, 2 threads (ms):
-# bf16 batch 2 0.76-0.85 -> 0.62-0.67, batch 4 1.03-1.07 -> 0.74-1.06, batch 8 1.51-1.67 -> 1.01-1.17,
-# batch 16 3.65-4.47 -> 2.08-2.13; fp32 batch 2 0.85-0.95 -> 0.59-0.66, batch 8 2.83-2.98 -> 2.10-2.15;
-# a speculative round at batch 1 with one draft (a 2-row verify) made 0.90x plain decode's tokens/s
-# instead of 0.65x. A batch-1 step got slower (0.39 -> 0.44 ms), so it keeps single-threaded
-# kernels. With one torch thread nothing changes. Under OMP_WAIT_POLICY=PASSIVE every parallel
-# kernel wakes a sleeping thread: a served batch-8 step took 4.3 ms instead of 1.1, far worse than
-# one thread, so then kernels stay single-threaded.
-PARALLEL_KERNELS_FROM_ROWS = 2
-
-
-def _kernel_threads(rows: int) -> int:
-    if rows < PARALLEL_KERNELS_FROM_ROWS or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
-        return 1
-    return torch.get_num_threads()
+# Ahead-of-time steps run their fused kernels on torch's threads. Inductor fuses a step into a few
+# large kernels (at batch 8 bf16 on `tiny`: two of ~390 us, one of ~300, two of ~126), which had run
+# on one thread while the other core idled outside oneDNN calls. The same step compiled both ways,
+# 2 threads: batch 1, `nanoseek.generate` interleaved, 2,102 -> 3,041 tok/s fp32, 3,745 -> 4,994 bf16;
+# a server at 1 client +23%; batch 8 bf16 1.51-1.67 -> 1.01-1.17 ms a step, batch 16 3.65-4.47 ->
+# 2.08-2.13 ms, fp32 batch 8 2.83-2.98 -> 2.10-2.15 ms; a speculative round at batch 1 with one draft
+# 0.65x -> 0.90x of plain decode's tokens/s (plain single-threaded). With one torch thread nothing
+# changes. Under OMP_WAIT_POLICY=PASSIVE every parallel kernel wakes a sleeping thread: a served
+# batch-8 step took 4.3 ms instead of 1.1, far worse than one thread, so then kernels stay on one.
+def _kernel_threads() -> int:
+    return 1 if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else torch.get_num_threads()
 
 
 def _aot_options(tokens_per_row: int):
@@ -167,7 +160,7 @@ def _aot_options(tokens_per_row: int):
         widest = _widest_decomposed(batch * tokens_per_row, dtype)
         _decompose_wide_matmuls(rows, widest)
         return {**AOT_OPTIONS, "post_grad_fusion_options": _decomposition(rows, widest),
-                "cpp.threads": _kernel_threads(batch * tokens_per_row)}
+                "cpp.threads": _kernel_threads()}
     return options
 
 
