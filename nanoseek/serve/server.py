@@ -469,7 +469,7 @@ def add_arguments(parser) -> None:
                              "(0: a chunk per token; default %(default)s)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the engine in the server's process (default: a process of its own, so that "
-                             "HTTP work and decode steps use separate cores)")
+                             "HTTP work and decode steps run at the same time)")
     parser.add_argument("--log-level", default="warning")
 
 
