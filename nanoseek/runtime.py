@@ -1,5 +1,6 @@
 """Process-wide settings applied by the CLI and the benchmarks: the device to run on, and the CPU
-allocator tuning that makes PyTorch faster on CPU.
+allocator tuning that makes PyTorch faster on CPU (`nanoseek.tune_allocator()` for scripts of
+one's own; importing nanoseek does not apply it, since it changes malloc for the whole process).
 
 glibc serves large allocations (activations, logits) with fresh mmap'ed pages and returns them to
 the OS on free, so every forward pass page-faults its big tensors in again: a (4096, 4096) fp32
