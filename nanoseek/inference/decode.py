@@ -145,10 +145,9 @@ def _decompose_wide_matmuls(rows: int = MOST_ROWS_DECOMPOSED, widest: int = WIDE
 # on one thread while the other core idled outside oneDNN calls. The same step compiled both ways,
 # 2 threads: batch 1, `nanoseek.generate` interleaved, 2,102 -> 3,041 tok/s fp32, 3,745 -> 4,994 bf16;
 # a server at 1 client +23%; batch 8 bf16 1.51-1.67 -> 1.01-1.17 ms a step, batch 16 3.65-4.47 ->
-# 2.08-2.13 ms, fp32 batch 8 2.83-2.98 -> 2.10-2.15 ms; a speculative round at batch 1 with one draft
-# 0.65x -> 0.90x of plain decode's tokens/s (plain single-threaded). With one torch thread nothing
-# changes. Under OMP_WAIT_POLICY=PASSIVE every parallel kernel wakes a sleeping thread: a served
-# batch-8 step took 4.3 ms instead of 1.1, far worse than one thread, so then kernels stay on one.
+# 2.08-2.13 ms, fp32 batch 8 2.83-2.98 -> 2.10-2.15 ms. With one torch thread nothing changes.
+# Under OMP_WAIT_POLICY=PASSIVE every parallel kernel wakes a sleeping thread: a served batch-8 step
+# took 4.3 ms instead of 1.1, far worse than one thread, so then kernels stay on one.
 def _kernel_threads() -> int:
     return 1 if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else torch.get_num_threads()
 
