@@ -17,9 +17,10 @@ from nanoseek.cli import main
 from nanoseek.tokenizer import IMAGE, Tokenizer
 from nanoseek.train import vlm
 from nanoseek.train.vlm_data import (
-    VLMDataError, load_medmnist, make_batch, medmnist_examples, medmnist_task, prompt_ids, read_jsonl,
+    Example, VLMDataError, load_medmnist, make_batch, medmnist_examples, medmnist_task, prompt_ids, read_jsonl,
 )
-from nanoseek.train.vlm_eval import multiclass_auc, roc_auc
+from nanoseek.train.vlm_eval import evaluate, image_views, multiclass_auc, roc_auc
+from nanoseek.image import preprocess
 from nanoseek.model.vision import VisionConfig, image_token_count
 
 BREAST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "breastmnist.npz"
@@ -145,7 +146,32 @@ def test_tiny_vlm_training_lowers_the_loss_and_eval_reports_accuracy(tmp_path, c
     assert main(["eval-vlm", "--model", str(tmp_path / "vlm"), "--data", str(data), "--split", "test"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("accuracy: ") and lines[-2].startswith("auc: ")
+    assert lines[-3].startswith("accuracy with 1 view: ") and "16 views of each" in lines[-5]
     assert float(lines[-1].split()[1]) >= 0.75  # brightness is easy: the tiny model must get most of it
+
+    # test-time augmentation: view 0 is the image itself, so 1 view reproduces the single-view figure
+    examples, task = medmnist_examples(data, "test")
+    tok = Tokenizer.load(tmp_path / "vlm")
+    three = evaluate(model, tok, examples, task, views=3)
+    one = evaluate(model, tok, examples, task, views=1)
+    assert "accuracy_one_view" not in one and three["views"] == 3
+    assert three["accuracy_one_view"] == one["accuracy"]
+    assert main(["eval-vlm", "--model", str(tmp_path / "vlm"), "--data", str(data), "--views", "0"]) == 2
+
+
+def test_eval_views_are_the_image_then_reproducible_augmentations():
+    vcfg = VisionConfig(**{**VisionConfig().to_dict(), "image_size": 16, "patch_size": 4})
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    examples = [Example(Image.fromarray(pixels), [], 0), Example(Image.fromarray(pixels[::-1].copy()), [], 1)]
+    views = image_views(examples, vcfg, 4)
+    again = image_views(examples, vcfg, 4)
+    assert len(views) == 4 and all(len(v) == 2 for v in views)
+    torch.testing.assert_close(views[0][0].views, preprocess(Image.fromarray(pixels), vcfg).views)
+    for v in range(4):
+        for i in range(2):
+            assert torch.equal(views[v][i].views, again[v][i].views) and views[v][i].tiles == views[0][i].tiles
+    assert not torch.equal(views[1][0].views, views[2][0].views)  # each view a different draw
+    assert not torch.equal(views[1][0].views, views[0][0].views)
 
 
 def test_start_from_a_text_checkpoint_keeps_its_weights(tmp_path):

@@ -7,6 +7,16 @@ answer is right when it is the class name of the label (case and a final full st
 is computed from the probability the model gives each class name as the whole answer (its tokens
 and the end-of-sentence after them), normalised over the classes: one-vs-rest ROC AUC, averaged
 over classes for more than two, as MedMNIST does. The last line printed is `accuracy: 0.xxx`.
+
+Test-time augmentation (`--views N`, default 16): the model looks at each image N times, as it is
+and as N - 1 draws of the training augmentation (vlm_data.augment: small rotation, scale, shift,
+horizontal flip, brightness and contrast), seeded by view and image so a run is reproducible. The
+answer is still generated token by token, greedily, from the next-token probabilities averaged
+over the views; AUC uses the class probabilities averaged over the views. The single-view accuracy
+(`--views 1`) is printed beside it. The number of views was chosen on the validation split: on
+BreastMNIST's val split, over 16 checkpoints of different training settings, the mean accuracy
+went from 0.890 with 1 view to 0.904 with 8, 0.911 with 16 and 0.913 with 32 (16 views raised
+10 of the 16 and lowered 1).
 """
 
 from __future__ import annotations
@@ -33,25 +43,30 @@ def _batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def generate_answers(model: DeepSeekModel, tok: Tokenizer, prompts: list[list[int]], images: list[ImageInput],
+def generate_answers(model: DeepSeekModel, tok: Tokenizer, prompts: list[list[int]], views: list[list[ImageInput]],
                      *, max_new_tokens: int = 16, batch_size: int = 64) -> list[str]:
-    """Greedy answers, one per (prompt ids with image runs, image), decoded without special tokens."""
+    """Greedy answers, one per prompt (ids with image runs), decoded without special tokens.
+
+    views[v][i] is prompt i's image as seen in view v (all views of an image have the same tiles);
+    each token is the argmax of the next-token probabilities averaged over the views."""
     answers: list[str] = [""] * len(prompts)
     stop = set(model.config.eos_token_ids) | {tok.eos_id}
     for idx in _batches(prompts, batch_size):
         ids = torch.tensor([prompts[i] for i in idx], device=model.device)
-        embeds = model.embed_multimodal(ids, [images[i] for i in idx])  # (B, T, D)
+        embeds = [model.embed_multimodal(ids, [view[i] for i in idx]) for view in views]  # V x (B, T, D)
         out = torch.empty(len(idx), 0, dtype=torch.long, device=model.device)
         done = torch.zeros(len(idx), dtype=torch.bool, device=model.device)
         stop_ids = torch.tensor(sorted(stop), device=model.device)
         # answers are a few tokens, so the prompt is simply run again each step (no KV cache needed)
         for _ in range(max_new_tokens):
-            next_id = model(inputs_embeds=embeds)[:, -1].argmax(-1)  # (B,)
+            probs = sum(torch.softmax(model(inputs_embeds=e)[:, -1].float(), dim=-1) for e in embeds)  # (B, vocab)
+            next_id = probs.argmax(-1)  # (B,)
             out = torch.cat([out, next_id[:, None]], dim=1)
             done |= torch.isin(next_id, stop_ids)
             if done.all():
                 break
-            embeds = torch.cat([embeds, model.embed(next_id[:, None])], dim=1)
+            next_embeds = model.embed(next_id[:, None])
+            embeds = [torch.cat([e, next_embeds], dim=1) for e in embeds]
         for row, i in enumerate(idx):
             tokens = out[row].tolist()
             cut = next((k for k, t in enumerate(tokens) if t in stop), len(tokens))
@@ -109,31 +124,55 @@ def normalise_answer(text: str) -> str:
     return text.strip().rstrip(".").strip().lower()
 
 
+def image_views(examples: list[Example], vcfg: VisionConfig, views: int = 1) -> list[list[ImageInput]]:
+    """views x len(examples) preprocessed images: view 0 the images themselves, then draws of the
+    training augmentation, seeded by (view, image index)."""
+    return [[load_views(ex, vcfg, np.random.default_rng((v, i)) if v else None) for i, ex in enumerate(examples)]
+            for v in range(views)]
+
+
 def evaluate(model: DeepSeekModel, tok: Tokenizer, examples: list[Example], task: ClassTask, *,
-             batch_size: int = 64, max_new_tokens: int | None = None) -> dict:
-    """Generated-answer accuracy, AUC and the mean answer loss on labelled examples."""
+             batch_size: int = 64, max_new_tokens: int | None = None, views: int = 1) -> dict:
+    """Generated-answer accuracy, AUC and the mean answer loss on labelled examples, the model looking
+    at each image `views` times (see the module's docstring); with views > 1 also the accuracy of
+    view 0 alone as "accuracy_one_view"."""
+    if views < 1:
+        raise ValueError(f"views must be at least 1, got {views}")
     was_training = model.training
     model.eval()
     vcfg = VisionConfig.from_dict(model.config.vision_config)
-    images = [load_views(ex, vcfg) for ex in examples]
-    prompts = [prompt_ids(tok, ex.messages, im, vcfg) for ex, im in zip(examples, images)]
+    images = image_views(examples, vcfg, views)
+    prompts = [prompt_ids(tok, ex.messages, im, vcfg) for ex, im in zip(examples, images[0])]
     labels = np.array([ex.label for ex in examples])
     if max_new_tokens is None:  # enough for the longest class name and its end-of-sentence
         max_new_tokens = max(len(tok.encode(name)) for name in task.class_names) + 2
-    answers = generate_answers(model, tok, prompts, images, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    logp = answer_log_probs(model, tok, prompts, images, task.class_names, batch_size=batch_size)
-    model.train(was_training)
     names = [normalise_answer(n) for n in task.class_names]
-    predicted = np.array([names.index(a) if a in names else -1 for a in map(normalise_answer, answers)])
-    probs = torch.softmax(logp, dim=-1).numpy()
+
+    def accuracy_of(answers: list[str]) -> tuple[float, np.ndarray]:
+        predicted = np.array([names.index(a) if a in names else -1 for a in map(normalise_answer, answers)])
+        return float((predicted == labels).mean()), predicted
+
+    answers = generate_answers(model, tok, prompts, images, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    accuracy, predicted = accuracy_of(answers)
+    logp = torch.stack([answer_log_probs(model, tok, prompts, view, task.class_names, batch_size=batch_size)
+                        for view in images])  # (views, N, K)
+    result = {}
+    if views > 1:
+        one_view = generate_answers(model, tok, prompts, images[:1], max_new_tokens=max_new_tokens, batch_size=batch_size)
+        result["accuracy_one_view"] = accuracy_of(one_view)[0]
+    model.train(was_training)
+    probs = torch.softmax(logp, dim=-1).mean(0).numpy()
+    label_logp = logp[:, torch.arange(len(labels)), torch.from_numpy(labels)]  # (views, N)
     return {
         "n": len(examples),
-        "accuracy": float((predicted == labels).mean()),
+        "views": views,
+        "accuracy": accuracy,
         "auc": multiclass_auc(probs, labels),
-        "loss": float(-logp[torch.arange(len(labels)), torch.from_numpy(labels)].mean()),
+        "loss": float(-label_logp.mean()),
         "not_a_class": int((predicted == -1).sum()),
         "answers": answers,
         "predicted": predicted,
+        **result,
     }
 
 
@@ -141,6 +180,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder written by `nanoseek train-vlm`")
     parser.add_argument("--data", required=True, help="a MedMNIST 2D .npz")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--views", type=int, default=16,
+                        help="looks at each image: as it is, then draws of the training augmentation (1: no test-time augmentation)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--show", type=int, default=3, help="print this many example answers")
@@ -164,14 +205,19 @@ def _run(args) -> int:
     tok = Tokenizer.load(args.model)
     examples, task = medmnist_examples(args.data, args.split)
     examples = examples[: args.limit] if args.limit else examples
-    result = evaluate(model, tok, examples, task, batch_size=args.batch_size)
+    if args.views < 1:
+        raise VLMDataError(f"--views must be at least 1, got {args.views}")
+    result = evaluate(model, tok, examples, task, batch_size=args.batch_size, views=args.views)
     for ex, answer in list(zip(examples, result["answers"]))[: args.show]:
         print(f"Q: {task.question}  A: {answer!r}  (label: {task.class_names[ex.label]!r})")
     counts = np.bincount([ex.label for ex in examples], minlength=len(task.class_names))
     majority = counts.max() / counts.sum()
     print(f"{task.name} {args.split}: {result['n']} images, {len(task.class_names)} classes "
-          f"(majority class {majority:.3f}), {time.perf_counter() - start:.1f}s")
+          f"(majority class {majority:.3f}), {args.views} view{'s' if args.views > 1 else ''} of each, "
+          f"{time.perf_counter() - start:.1f}s")
     print(f"answers that are no class name: {result['not_a_class']}")
+    if args.views > 1:
+        print(f"accuracy with 1 view: {result['accuracy_one_view']:.3f}")
     print(f"auc: {result['auc']:.3f}")
     print(f"accuracy: {result['accuracy']:.3f}")
     return 0
