@@ -135,7 +135,7 @@ def test_mixup_loss_is_the_weighted_loss_of_both_replies_after_the_mixed_image(t
 def test_tiny_vlm_training_lowers_the_loss_and_eval_reports_accuracy(tmp_path, capsys):
     data = fake_medmnist(tmp_path / "breastmnist.npz")
     args = parse(["--data", str(data), "--out", str(tmp_path / "vlm"), "--projector-steps", "4", "--steps", "24", "--eval-every", "8", "--batch-size", "16",
-                  "--lr", "3e-3", "--warmup-steps", "2", *TINY])
+                  "--lr", "3e-3", "--warmup-steps", "2", "--val-views", "2", *TINY])
     info = vlm.run_training(args)
     losses = [h["train_loss"] for h in info["history"]]
     assert losses[-1] < 0.5 * losses[0], losses
@@ -157,6 +157,7 @@ def test_tiny_vlm_training_lowers_the_loss_and_eval_reports_accuracy(tmp_path, c
     assert "accuracy_one_view" not in one and three["views"] == 3
     assert three["accuracy_one_view"] == one["accuracy"]
     assert main(["eval-vlm", "--model", str(tmp_path / "vlm"), "--data", str(data), "--views", "0"]) == 2
+    assert main(["train-vlm", "--data", str(data), "--out", str(tmp_path / "v0"), "--val-views", "0"]) == 2
 
 
 def test_eval_views_are_the_image_then_reproducible_augmentations():

@@ -205,7 +205,7 @@ def validate(model, tok, val: list[Example], task: ClassTask | None, args) -> di
     if not val:
         return {}
     if task is not None:
-        r = evaluate(model, tok, val, task, batch_size=args.batch_size * 2)
+        r = evaluate(model, tok, val, task, batch_size=args.batch_size * 2, views=args.val_views, one_view_too=False)
         return {"val_accuracy": r["accuracy"], "val_auc": r["auc"], "val_loss": r["loss"]}
     model.eval()
     with torch.no_grad():
@@ -238,6 +238,8 @@ def batches(train: list[Example], weights, tok: Tokenizer, vcfg: VisionConfig, a
 def run_training(args) -> dict:
     start = time.perf_counter()
     deadline = start + 60 * args.max_minutes
+    if args.val_views < 1:
+        raise VLMDataError(f"--val-views must be at least 1, got {args.val_views}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -323,6 +325,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--projector-steps", type=int, default=50, help="stage 1 (projector only) optimizer steps")
     g.add_argument("--steps", type=int, default=4000, help="stage 2 (everything) optimizer steps")
     g.add_argument("--eval-every", type=int, default=100, help="validate (and maybe keep the model) every N steps")
+    g.add_argument("--val-views", type=int, default=1, help="views of each image when validating (see eval-vlm --views)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--projector-lr", type=float, default=1e-3)

@@ -132,10 +132,11 @@ def image_views(examples: list[Example], vcfg: VisionConfig, views: int = 1) -> 
 
 
 def evaluate(model: DeepSeekModel, tok: Tokenizer, examples: list[Example], task: ClassTask, *,
-             batch_size: int = 64, max_new_tokens: int | None = None, views: int = 1) -> dict:
+             batch_size: int = 64, max_new_tokens: int | None = None, views: int = 1,
+             one_view_too: bool = True) -> dict:
     """Generated-answer accuracy, AUC and the mean answer loss on labelled examples, the model looking
-    at each image `views` times (see the module's docstring); with views > 1 also the accuracy of
-    view 0 alone as "accuracy_one_view"."""
+    at each image `views` times (see the module's docstring); with views > 1 and one_view_too also
+    the accuracy of view 0 alone as "accuracy_one_view"."""
     if views < 1:
         raise ValueError(f"views must be at least 1, got {views}")
     was_training = model.training
@@ -157,7 +158,7 @@ def evaluate(model: DeepSeekModel, tok: Tokenizer, examples: list[Example], task
     logp = torch.stack([answer_log_probs(model, tok, prompts, view, task.class_names, batch_size=batch_size)
                         for view in images])  # (views, N, K)
     result = {}
-    if views > 1:
+    if views > 1 and one_view_too:
         one_view = generate_answers(model, tok, prompts, images[:1], max_new_tokens=max_new_tokens, batch_size=batch_size)
         result["accuracy_one_view"] = accuracy_of(one_view)[0]
     model.train(was_training)
