@@ -160,6 +160,15 @@ def test_tiny_vlm_training_lowers_the_loss_and_eval_reports_accuracy(tmp_path, c
     assert main(["train-vlm", "--data", str(data), "--out", str(tmp_path / "v0"), "--val-views", "0"]) == 2
 
 
+def test_train_vlm_command_exits_0(tmp_path):
+    """The command's exit status, not just run_training: it once returned run_training's summary
+    dict, which sys.exit printed and turned into status 1 after a successful run."""
+    data = fake_medmnist(tmp_path / "breastmnist.npz")
+    assert main(["train-vlm", "--data", str(data), "--out", str(tmp_path / "vlm"), "--projector-steps", "1",
+                 "--steps", "2", "--eval-every", "2", "--batch-size", "8", *TINY]) == 0
+    assert (tmp_path / "vlm" / "model.safetensors").is_file()
+
+
 def test_eval_views_are_the_image_then_reproducible_augmentations():
     vcfg = VisionConfig(**{**VisionConfig().to_dict(), "image_size": 16, "patch_size": 4})
     pixels = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)

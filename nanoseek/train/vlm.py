@@ -348,4 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    return report_user_errors("train-vlm", lambda: run_training(args), (VLMDataError,))
+    def body() -> None:  # run_training's summary is for Python callers, not the exit status
+        run_training(args)
+
+    return report_user_errors("train-vlm", body, (VLMDataError,))
