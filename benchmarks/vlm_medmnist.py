@@ -5,9 +5,9 @@ print a table row per subset against the best published MedMNIST v2 test accurac
 
 Each subset runs exactly the README's two commands (same flags for every subset):
     nanoseek train-vlm --data FILE.npz --out runs/vlm-NAME --max-minutes 20 [extra flags]
-    nanoseek eval-vlm --model runs/vlm-NAME --data FILE.npz --split test
-eval-vlm looks at each image 16 times (test-time augmentation, see train/vlm_eval.py) and also
-reports the accuracy with one view, which the table gives beside it. Wall time includes
+    nanoseek eval-vlm --model runs/vlm-NAME --data FILE.npz --split test --views 16
+eval-vlm runs with --views 16 (test-time augmentation, see train/vlm_eval.py), which also reports
+the accuracy with one view, eval-vlm's default: the table gives both. Wall time includes
 everything train-vlm does (tokenizer, data, validation). The machine is shared and noisy; the
 training budget is a bound, not a measurement of speed.
 """
@@ -43,7 +43,7 @@ def main() -> int:
         name = Path(data).name.split(".")[0]
         out = Path(args.runs) / f"vlm-{name}"
         train = ["nanoseek", "train-vlm", "--data", data, "--out", str(out), "--max-minutes", str(args.max_minutes), *extra]
-        evaluate = ["nanoseek", "eval-vlm", "--model", str(out), "--data", data, "--split", "test"]
+        evaluate = ["nanoseek", "eval-vlm", "--model", str(out), "--data", data, "--split", "test", "--views", "16"]
         print("$ " + " ".join(train), flush=True)
         start = time.perf_counter()
         subprocess.run(train, check=True)
@@ -51,14 +51,13 @@ def main() -> int:
         print("$ " + " ".join(evaluate), flush=True)
         text = subprocess.run(evaluate, check=True, capture_output=True, text=True).stdout
         print(text, end="")
-        accuracy = float(re.search(r"^accuracy: ([\d.]+)$", text, re.M).group(1))
+        with_views = float(re.search(r"^accuracy: ([\d.]+)$", text, re.M).group(1))
         auc = float(re.search(r"^auc: ([\d.]+)$", text, re.M).group(1))
-        one_view = re.search(r"^accuracy with 1 view: ([\d.]+)$", text, re.M)
-        one_view = f"{float(one_view.group(1)):.3f}" if one_view else "-"
+        one_view = float(re.search(r"^accuracy with 1 view: ([\d.]+)$", text, re.M).group(1))
         key = max((k for k in BASELINES if name.startswith(k)), key=len, default=None)
         base, by = BASELINES.get(key, (float("nan"), "-"))
-        rows.append(f"| {name} | {minutes:.1f} | {accuracy:.3f} | {one_view} | {auc:.3f} | {base:.3f} ({by}) |")
-    print("\n| subset | training wall minutes | test accuracy (generated answers, 16 views) | with 1 view | test AUC "
+        rows.append(f"| {name} | {minutes:.1f} | {one_view:.3f} | {with_views:.3f} | {auc:.3f} | {base:.3f} ({by}) |")
+    print("\n| subset | training wall minutes | test accuracy (generated answers) | with --views 16 | test AUC (16 views) "
           "| best MedMNIST v2 ACC |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -8,15 +8,17 @@ is computed from the probability the model gives each class name as the whole an
 and the end-of-sentence after them), normalised over the classes: one-vs-rest ROC AUC, averaged
 over classes for more than two, as MedMNIST does. The last line printed is `accuracy: 0.xxx`.
 
-Test-time augmentation (`--views N`, default 16): the model looks at each image N times, as it is
-and as N - 1 draws of the training augmentation (vlm_data.augment: small rotation, scale, shift,
-horizontal flip, brightness and contrast), seeded by view and image so a run is reproducible. The
-answer is still generated token by token, greedily, from the next-token probabilities averaged
-over the views; AUC uses the class probabilities averaged over the views. The single-view accuracy
-(`--views 1`) is printed beside it. The number of views was chosen on the validation split: on
-BreastMNIST's val split, over 16 checkpoints of different training settings, the mean accuracy
-went from 0.890 with 1 view to 0.904 with 8, 0.911 with 16 and 0.913 with 32 (16 views raised
-10 of the 16 and lowered 1).
+Test-time augmentation (`--views N`, default 1: off): the model looks at each image N times, as
+it is and as N - 1 draws of the training augmentation (vlm_data.augment: small rotation, scale,
+shift, horizontal flip, brightness and contrast), seeded by view and image so a run is
+reproducible. The answer is still generated token by token, greedily, from the next-token
+probabilities averaged over the views; AUC uses the class probabilities averaged over the views;
+the single-view accuracy is printed beside it. It is not the default because it helps one subset
+and hurts another: on BreastMNIST, over 16 checkpoints, 16 views raised the mean val accuracy from
+0.890 to 0.911 and the test accuracy of the default recipe's four seeds from 0.837 to 0.848; on
+the PneumoniaMNIST copy it moved answers towards "pneumonia" (test: normal images called normal
+192 -> 134 of 234, pneumonia 363 -> 386 of 390), which the val split's 74% pneumonia rewarded
+(0.926 -> 0.931) and the test split's 62.5% punished (0.889 -> 0.833).
 """
 
 from __future__ import annotations
@@ -181,8 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder written by `nanoseek train-vlm`")
     parser.add_argument("--data", required=True, help="a MedMNIST 2D .npz")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--views", type=int, default=16,
-                        help="looks at each image: as it is, then draws of the training augmentation (1: no test-time augmentation)")
+    parser.add_argument("--views", type=int, default=1,
+                        help="test-time augmentation: look at each image N times, as it is and through N - 1 draws of "
+                             "the training augmentation (default 1: off)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--show", type=int, default=3, help="print this many example answers")
