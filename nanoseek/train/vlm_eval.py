@@ -202,6 +202,8 @@ def _run(args) -> int:
     from ..checkpoint import load
     from ..runtime import pick_device
 
+    if args.views < 1:  # before loading anything: a bad flag should cost nothing
+        raise VLMDataError(f"--views must be at least 1, got {args.views}")
     start = time.perf_counter()
     model = load(args.model, dtype=torch.float32, device=pick_device(args.device)).eval()
     if model.vision is None:
@@ -209,8 +211,6 @@ def _run(args) -> int:
     tok = Tokenizer.load(args.model)
     examples, task = medmnist_examples(args.data, args.split)
     examples = examples[: args.limit] if args.limit else examples
-    if args.views < 1:
-        raise VLMDataError(f"--views must be at least 1, got {args.views}")
     result = evaluate(model, tok, examples, task, batch_size=args.batch_size, views=args.views)
     for ex, answer in list(zip(examples, result["answers"]))[: args.show]:
         print(f"Q: {task.question}  A: {answer!r}  (label: {task.class_names[ex.label]!r})")
