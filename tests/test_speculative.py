@@ -53,6 +53,22 @@ def test_speculative_greedy_equals_plain_greedy(random_model, pattern_model, dra
             assert spec == plain
 
 
+@pytest.mark.parametrize("draft_tokens", [3, 4, 6])
+def test_every_draft_accepted_up_to_the_last_cache_position(draft_tokens):
+    """Recursive drafts write past the verified rows (up to n + 2k - 1): with every draft accepted
+    and a request that fills max_seq_len exactly, they must still fit in the cache."""
+    model = nanoseek.build_model(nanoseek.get_preset("test"), seed=0).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # equal logits: main model and drafts all pick token 0
+    max_seq_len, new = 32, 2 + 3 * (draft_tokens + 1)  # the last step starts one token short
+    engine = Engine(model, max_batch_size=1, max_seq_len=max_seq_len, speculative=draft_tokens)
+    request = engine.submit(list(range(1, max_seq_len - new + 1)), SamplingParams(), max_new_tokens=new,
+                            stop_token_ids=[])
+    engine.run_until_done()
+    assert (request.finish_reason, request.tokens) == ("length", [0] * new)
+    assert engine.counters["accepted_tokens"] == engine.counters["drafted_tokens"] > 0
+
+
 def test_drafts_are_accepted_on_a_learnable_pattern(pattern_model):
     _, stats = nanoseek.generate(pattern_model, progressions(6), 32, stop_token_ids=[], speculative=1,
                                  return_stats=True)

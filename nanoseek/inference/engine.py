@@ -227,9 +227,12 @@ class Engine:
                                     model.vision.vcfg if model.vision is not None else None)
         self.compile = compile
         device, dtype = model.device, cache_dtype or model.dtype
+        # How far past a row's cached length n a step writes: the verify fills n..n+k, and the
+        # recursive drafts after `a` accepted tokens fill up to n+a+k-1, so n+2k-1 when all are.
+        self.reach = max(speculative, 2 * speculative - 1)
         # one spare position: a step never attends to the whole cache, so the compiled step always
         # sees a strict slice of it and one graph serves every length
-        self.cache = LatentCache(config, max_batch_size, self.max_seq_len + speculative + 1, dtype, device)
+        self.cache = LatentCache(config, max_batch_size, self.max_seq_len + self.reach + 1, dtype, device)
         self.seen = torch.zeros(max_batch_size, config.vocab_size, dtype=torch.bool, device=device)
         if speculative:
             self.drafts = torch.zeros(max_batch_size, speculative, dtype=torch.long, device=device)
@@ -400,7 +403,7 @@ class Engine:
 
     def _decode(self) -> None:
         B, k = len(self.running), self.draft_tokens
-        longest = max(r._n for r in self.running) + 1 + k
+        longest = max(r._n for r in self.running) + 1 + self.reach
         attend = min(self.cache.max_len - 1, -(-longest // ATTEND_BLOCK) * ATTEND_BLOCK)
         if self._sampling is None:
             self._sampling = SamplingBatch.from_params([r.params for r in self.running], self.seen.device)
