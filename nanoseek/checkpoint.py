@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .data import apply_umask
 from .model.transformer import DeepSeekModel, build_model
 
 CONFIG_NAME = "config.json"
@@ -100,6 +101,11 @@ def _weight_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files, got {type(weight_map).__name__}")
+        for key, name in weight_map.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"{index}: tensor {key} is mapped to {name!r}, not a shard file name")
         files = sorted(set(weight_map.values()))
         for name in files:
             if "/" in name or "\\" in name or name.startswith("."):
@@ -302,6 +308,7 @@ def save(
             size = 0
         shards[-1][key] = tensors[key]
         size += nbytes
+    model.config.warn_transformers_mismatches()
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         config = model.config.to_dict()
@@ -323,6 +330,7 @@ def save(
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content if isinstance(content, bytes) else content.encode())
+        apply_umask(tmp)  # mkdtemp's 0700 would otherwise make the checkpoint owner-only
         _fsync_tree(tmp)
         replace_dir(tmp, path)
     except BaseException:

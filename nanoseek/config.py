@@ -12,12 +12,14 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+BOOL_FIELDS = ("norm_topk_prob", "rope_interleave", "tie_word_embeddings", "attention_bias")
 
 
 class ConfigError(ValueError):
@@ -99,6 +101,10 @@ class ModelConfig:
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
             "qk_rope_head_dim", "v_head_dim", "max_position_embeddings", "moe_layer_freq",
         ]
+        for name in BOOL_FIELDS:
+            # a JSON "false" string (or 0) would otherwise read as a truthy (or falsy) switch unnoticed
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false (a JSON boolean)")
         for name in ints_positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -111,7 +117,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(name, "must be a non-negative integer")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+        if self.q_lora_rank is not None and (not _is_int(self.q_lora_rank) or self.q_lora_rank <= 0):
             fail("q_lora_rank", "must be a positive integer or null (plain q projection)")
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", "must be even: rotary dimensions come in pairs")
@@ -135,15 +141,15 @@ class ModelConfig:
                 fail("topk_method", f"must be one of {TOPK_METHODS}")
             if self.scoring_func not in SCORING_FUNCS:
                 fail("scoring_func", f"must be one of {SCORING_FUNCS}")
-            if not isinstance(self.num_experts_per_tok, int) or self.num_experts_per_tok <= 0:
+            if not _is_int(self.num_experts_per_tok) or self.num_experts_per_tok <= 0:
                 fail("num_experts_per_tok", "must be a positive integer")
             if self.num_experts_per_tok > self.n_routed_experts:
                 fail("num_experts_per_tok", f"cannot exceed n_routed_experts ({self.n_routed_experts})")
-            if not isinstance(self.n_group, int) or self.n_group <= 0:
+            if not _is_int(self.n_group) or self.n_group <= 0:
                 fail("n_group", "must be a positive integer")
             if self.n_routed_experts % self.n_group:
                 fail("n_group", f"must divide n_routed_experts ({self.n_routed_experts})")
-            if not isinstance(self.topk_group, int) or not 0 < self.topk_group <= self.n_group:
+            if not _is_int(self.topk_group) or not 0 < self.topk_group <= self.n_group:
                 fail("topk_group", f"must be between 1 and n_group ({self.n_group})")
             experts_per_group = self.n_routed_experts // self.n_group
             if self.topk_method != "greedy" and self.topk_group * experts_per_group < self.num_experts_per_tok:
@@ -156,33 +162,35 @@ class ModelConfig:
                 fail("n_group", "noaux_tc scores a group by its top-2 experts, so each group needs at least 2")
             if self.topk_method == "noaux_tc" and self.scoring_func != "sigmoid":
                 fail("topk_method", "noaux_tc (bias-corrected choice) is defined for scoring_func 'sigmoid'")
-            if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
+            if not _is_number(self.routed_scaling_factor) or self.routed_scaling_factor <= 0:
                 fail("routed_scaling_factor", "must be a positive number")
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, dict):
                 fail("rope_scaling", "must be a dict or null")
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            if kind not in ("yarn", "default", None):
+            if kind is None:  # without a kind the scaling would be silently dropped
+                fail("rope_scaling", "needs a 'type' (or 'rope_type'), e.g. 'yarn'")
+            if kind not in ("yarn", "default"):
                 fail("rope_scaling", f"type {kind!r} is not supported (DeepSeek uses 'yarn')")
             if kind == "yarn":
                 factor = self.rope_scaling.get("factor")
-                if not isinstance(factor, (int, float)) or factor < 1:
+                if not _is_number(factor) or factor < 1:
                     fail("rope_scaling", "yarn needs 'factor' >= 1")
                 omp = self.rope_scaling.get("original_max_position_embeddings")
-                if not isinstance(omp, int) or omp <= 0:
+                if not _is_int(omp) or omp <= 0:
                     fail("rope_scaling", "yarn needs a positive integer 'original_max_position_embeddings'")
         if self.vision_config is not None:
             from .model.vision import VisionConfig  # the vision fields are defined and checked beside the tower
 
             VisionConfig.from_dict(self.vision_config)
-            if not isinstance(self.image_token_id, int) or not 0 <= self.image_token_id < self.vocab_size:
+            if not _is_int(self.image_token_id) or not 0 <= self.image_token_id < self.vocab_size:
                 fail("image_token_id", f"a model with a vision_config needs an id in [0, vocab_size={self.vocab_size})")
         for name in ("bos_token_id", "pad_token_id", "image_token_id"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and 0 <= value):
+            if value is not None and not (_is_int(value) and 0 <= value):
                 fail(name, "must be a non-negative integer or null")
         for token in self.eos_token_ids:
-            if not isinstance(token, int) or token < 0:
+            if not _is_int(token) or token < 0:
                 fail("eos_token_id", "must be a non-negative integer, a list of them, or null")
 
     # ---- YaRN ----------------------------------------------------------------------------------
@@ -249,6 +257,9 @@ class ModelConfig:
             kwargs["num_experts_per_tok"] = 1 if kwargs["n_routed_experts"] else 0
         if kwargs.get("rope_interleave") is None:
             kwargs["rope_interleave"] = True
+        for name in ("norm_topk_prob", "tie_word_embeddings", "attention_bias"):
+            if name in kwargs and kwargs[name] is None:  # transformers reads null as false
+                kwargs[name] = False
         if isinstance(kwargs.get("rope_theta"), int):
             kwargs["rope_theta"] = float(kwargs["rope_theta"])
         if kwargs.get("n_routed_experts", 0) == 0:
@@ -259,9 +270,20 @@ class ModelConfig:
             raise ConfigError(str(e)) from e
 
     def to_dict(self) -> dict[str, Any]:
-        """A config.json that DeepSeek's own code, transformers 4 and transformers 5 all read."""
+        """A config.json that DeepSeek's own code, transformers 4 and transformers 5 all read.
+
+        transformers' classes know fewer switches than nanoseek, so some fields are written in the
+        form they understand, one that reads back here as the same model: the first MoE layer as
+        first_k_dense_replace, top-1 routing without norm_topk_prob, and the model_type whose router
+        computes ours. What no transformers class computes is listed by `transformers_mismatches`.
+        """
         d = dataclasses.asdict(self)
-        d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        d["first_k_dense_replace"] = self._hf_first_k_dense_replace()
+        # top-1 weights are never renormalised here (DeepSeek's rule), but transformers' V3 would
+        # turn every weight into 1.0
+        d["norm_topk_prob"] = self.norm_topk_prob and self.num_experts_per_tok > 1
+        d["model_type"] = self._hf_model_type()
+        d["architectures"] = ["DeepseekV3ForCausalLM" if d["model_type"] == "deepseek_v3" else "DeepseekV2ForCausalLM"]
         d["num_key_value_heads"] = self.num_attention_heads  # MLA: every head has its own key
         d["head_dim"] = self.qk_rope_head_dim
         if self.vision_config is None:
@@ -269,22 +291,95 @@ class ModelConfig:
             d.pop("image_token_id")
         return d
 
+    # ---- what transformers' DeepseekV3/V2 classes can express -----------------------------------
+    def _moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    def _hf_first_k_dense_replace(self) -> int:
+        """transformers makes layer i MoE iff i >= first_k_dense_replace, whatever n_routed_experts and
+        moe_layer_freq say: write the first MoE layer (num_hidden_layers when there is none). MTP
+        layers sit at index >= num_hidden_layers, so any value up to it leaves them as they were."""
+        moe = self._moe_layers()
+        return moe[0] if moe else max(self.num_hidden_layers, self.first_k_dense_replace)
+
+    def _hf_router_mismatch(self, model_type: str) -> tuple[str, str] | None:
+        """(field, why) when transformers' class for model_type routes differently, else None."""
+        if not self._moe_layers():
+            return None
+        if model_type == "deepseek_v3":
+            if self.topk_method != "noaux_tc":  # V3 reads neither topk_method nor scoring_func
+                return "topk_method", "transformers' DeepseekV3 always routes with sigmoid scores plus e_score_correction_bias over groups (noaux_tc)"
+            return None
+        if self.topk_method == "noaux_tc":
+            return "topk_method", "transformers' DeepseekV2 knows only 'greedy' and 'group_limited_greedy'"
+        if self.scoring_func != "softmax":
+            return "scoring_func", "transformers' DeepseekV2 always scores experts with softmax"
+        if self.norm_topk_prob and self.num_experts_per_tok > 1:
+            return "norm_topk_prob", "transformers' DeepseekV2 never renormalises the top-k weights"
+        if not self.rope_interleave:
+            return "rope_interleave", "transformers' DeepseekV2 always rotates interleaved pairs"
+        return None
+
+    def _hf_model_type(self) -> str:
+        """Our own model_type, unless only the other class computes this router (a V3-style
+        config with V2's softmax greedy routing, or the reverse)."""
+        other = "deepseek_v2" if self.model_type == "deepseek_v3" else "deepseek_v3"
+        if self._hf_router_mismatch(self.model_type) and not self._hf_router_mismatch(other):
+            return other
+        return self.model_type
+
+    def transformers_mismatches(self) -> list[str]:
+        """Why a transformers model loaded from this config's config.json would compute different
+        logits than nanoseek; empty when it computes the same."""
+        problems = []
+        written = self._hf_first_k_dense_replace()
+        dense = [i for i in range(written, self.num_hidden_layers) if not self.is_moe_layer(i)]
+        if dense:
+            problems.append(
+                f"config field 'moe_layer_freq' = {self.moe_layer_freq!r}: layers {dense} are dense here, but "
+                f"transformers makes every layer from first_k_dense_replace = {written} on an MoE layer"
+            )
+        reasons = [self._hf_router_mismatch(model_type) for model_type in MODEL_TYPES]
+        if all(reasons):  # neither class computes this router: say what stands in the way of each
+            problems += [f"config field '{name}' = {getattr(self, name)!r}: {why}" for name, why in reasons]
+        return problems
+
+    def warn_transformers_mismatches(self) -> None:
+        # no folder in the message: a training run saves every few hundred steps, and Python shows
+        # a repeated warning once
+        for problem in self.transformers_mismatches():
+            warnings.warn(f"{problem}; transformers will compute different logits from the config.json written",
+                          stacklevel=3)
+
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
+        except OSError as e:  # missing, a folder, unreadable: the user's path, not a traceback
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
         return cls.from_dict(raw)
 
     def to_json(self, path: str | os.PathLike) -> None:
+        self.warn_transformers_mismatches()
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(copy.deepcopy(self), **changes)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not the number 1
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

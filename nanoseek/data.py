@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, TokenizerError
 
 META = "meta.json"
 SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "node_modules"}
@@ -84,8 +84,12 @@ def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
             if text:
                 yield file.relative_to(path).as_posix(), text
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 can be named
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason})") from e
                 if not line.strip():
                     continue
                 try:
@@ -96,17 +100,31 @@ def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
                     raise DataError(f"{path}:{lineno}: 'text' must be a string")
                 yield f"{path.name}:{lineno}", text
     else:
-        text = _read_text(path)
-        if text is None:
-            raise DataError(f"{path} is not UTF-8 text")
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read corpus {path}: {e.strerror or e}") from e
+        if b"\0" in raw[:8192]:
+            raise DataError(f"{path} is a binary file, not UTF-8 text")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text (byte offset {e.start}: {e.reason})") from e
         yield path.name, text
 
 
 def corpus_fingerprint(corpus: str | os.PathLike) -> str:
-    """sha256 over the names and lengths of the corpus's documents: changes when the corpus does."""
+    """sha256 over the names and contents of the corpus's documents: changes when the corpus does.
+
+    The contents, not sizes and mtimes: an edit that keeps the length (a typo fixed) must not reuse
+    stale shards, `cp -p` or a checkout can restore an old mtime, and every document is read anyway,
+    so hashing costs little more (12 MB of stdlib: 0.13 s to read, 0.01 s to hash)."""
     digest = hashlib.sha256()
     for name, text in iter_documents(corpus):
-        digest.update(f"{name}\0{len(text)}\0".encode())
+        data = text.encode("utf-8", "surrogatepass")
+        digest.update(f"{name}\0{len(data)}\0".encode("utf-8", "surrogatepass"))
+        digest.update(data)
     return digest.hexdigest()
 
 
@@ -145,6 +163,11 @@ def prepare_shards(
 ) -> dict:
     """Tokenize the corpus into out_dir/{train,val}-NNNNN.bin + meta.json; returns the metadata."""
     out_dir = Path(out_dir)
+    missing = [token for token, i in ((tokenizer.bos_token, tokenizer.bos_id), (tokenizer.eos_token, tokenizer.eos_id))
+               if i is None]
+    if missing:  # every document is framed as <bos> text <eos>
+        raise TokenizerError(f"the tokenizer has no {' or '.join(missing)} token in its vocabulary, "
+                             "which shards need around every document")
     train_texts, val_texts = split_documents(iter_documents(corpus), val_fraction)
     dtype = token_dtype(tokenizer.vocab_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +191,7 @@ def prepare_shards(
             "splits": splits,
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        apply_umask(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
@@ -175,6 +199,28 @@ def prepare_shards(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def process_umask() -> int:
+    try:  # Linux reports it without changing it; setting it to read it back races other threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give a folder made by mkdtemp (0700) and its files the modes a plain mkdir and open would
+    have, so that what is renamed into place is as readable as the rest of the user's files."""
+    mask = process_umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:

@@ -42,6 +42,8 @@ THINK, THINK_END = "<think>", "</think>"
 IMAGE = "<image>"
 # Order fixes the ids of a trained tokenizer: bos 0 and eos 1, as ModelConfig's defaults expect.
 SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, THINK, THINK_END, IMAGE)
+# the 256 byte tokens and the special tokens, plus at least one merge
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1
 
 # DeepSeek-V3's pre-tokenization: digits in runs of at most 3, CJK runs apart, then a GPT-4-like
 # split of words, punctuation and whitespace (indentation stays one piece, handy for code).
@@ -107,9 +109,9 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2, show_progress: bool = False) -> "Tokenizer":
         """Learn a byte-level BPE of vocab_size tokens (special tokens included) from texts."""
-        base = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
-        if vocab_size <= base:
-            raise TokenizerError(f"vocab_size {vocab_size} must exceed {base} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise TokenizerError(f"vocab_size {vocab_size} must be at least {MIN_VOCAB_SIZE} "
+                                 f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + 1 merge)")
         backend = _RustTokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in _SPLITS]
@@ -188,6 +190,9 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         """Special-token strings in text become their ids; bos/eos add those tokens around it."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
+        for wanted, token, token_id in ((bos, self.bos_token, self.bos_id), (eos, self.eos_token, self.eos_id)):
+            if wanted and token_id is None:  # a None in the ids would fail far from here
+                raise TokenizerError(f"this tokenizer has no {token} token in its vocabulary")
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

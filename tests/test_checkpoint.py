@@ -195,3 +195,35 @@ def test_written_config_is_read_by_transformers(tmp_path):
     assert (hf.n_routed_experts, hf.num_experts_per_tok, hf.q_lora_rank) == (256, 8, 1536)
     assert hf.num_key_value_heads == 128
     assert ModelConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == config
+
+
+@pytest.mark.parametrize("weight_map, match", [
+    (["model-00001-of-00002.safetensors"], r"'weight_map' must map tensor names to shard files, got list"),
+    ({"lm_head.weight": 3}, r"tensor lm_head\.weight is mapped to 3"),
+])
+def test_malformed_index_is_a_checkpoint_error(tmp_path, weight_map, match):
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    get_preset("test").to_json(folder / "config.json")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=match):
+        nanoseek.load(folder)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_folder_follows_the_umask(tmp_path, umask):
+    """mkdtemp makes the folder 0700; once renamed into place it must be as a plain mkdir makes it."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        nanoseek.save(build_model(get_preset("test"), seed=0), tmp_path / "c", max_shard_size="100KB",
+                      extra_files={"tokenizer.json": "{}"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == 0o777 & ~umask
+    files = list((tmp_path / "c").iterdir())
+    assert len(files) > 3
+    for file in files:
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name

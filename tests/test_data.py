@@ -1,6 +1,7 @@
 """Data: shards are deterministic, the split holds documents apart, the loader is seeded and resumable."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -98,3 +99,64 @@ def test_corpus_fingerprint_follows_the_corpus(tmp_path):
     assert corpus_fingerprint(tmp_path) == before
     (tmp_path / "b.py").write_text("y = 2\n")
     assert corpus_fingerprint(tmp_path) != before
+
+
+def test_invalid_utf8_is_named_with_its_line(tmp_path):
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "hello \xff world"}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2: not UTF-8"):
+        list(iter_documents(tmp_path / "c.jsonl"))
+    (tmp_path / "c.txt").write_bytes(b"one\ntwo\nth\xffree\n")
+    with pytest.raises(DataError, match=r"c\.txt:3: not UTF-8 text \(byte offset 10"):
+        list(iter_documents(tmp_path / "c.txt"))
+
+
+def test_tokenizer_command_names_the_bad_utf8_line(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "hello \xff world"}\n')
+    assert main(["tokenizer", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "tok"), "--vocab-size", "300"]) == 2
+    assert "c.jsonl:1: not UTF-8" in capsys.readouterr().err
+
+
+def test_corpus_fingerprint_sees_an_edit_of_the_same_length(tmp_path):
+    from nanoseek.data import corpus_fingerprint
+
+    for corpus in (tmp_path / "folder" / "a.py", tmp_path / "c.txt", tmp_path / "c.jsonl"):
+        corpus.parent.mkdir(exist_ok=True)
+        corpus.write_text('{"text": "x = 1"}\n' if corpus.suffix == ".jsonl" else "x = 1\n")
+        stat = corpus.stat()
+        target = corpus.parent if corpus.parent.name == "folder" else corpus
+        before = corpus_fingerprint(target)
+        corpus.write_text(corpus.read_text().replace("1", "2"))
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` or a checkout may leave it
+        assert corpus_fingerprint(target) != before, corpus
+
+
+def test_tokenizer_without_bos_eos_is_refused_for_shards(corpus, tmp_path):
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from nanoseek.tokenizer import TokenizerError
+
+    backend = RustTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(["plain text only"], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    plain = Tokenizer(backend)
+    assert plain.bos_id is None and plain.eos_id is None
+    with pytest.raises(TokenizerError, match="no <｜begin▁of▁sentence｜> or <｜end▁of▁sentence｜> token"):
+        prepare_shards(corpus, plain, tmp_path / "s")
+    assert not (tmp_path / "s").exists() and not list(tmp_path.iterdir())
+
+
+def test_shard_folder_follows_the_umask(corpus, tok, tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        meta = prepare_shards(corpus, tok, tmp_path / "s", val_fraction=0.2)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o755
+    for name in [*meta["splits"]["train"]["files"], "meta.json"]:
+        assert stat.S_IMODE((tmp_path / "s" / name).stat().st_mode) == 0o644, name

@@ -94,3 +94,55 @@ def test_bf16_load_runs_close_to_fp32(tmp_path):
     per_token_error = (a - b).norm(dim=-1) / a.norm(dim=-1)
     assert per_token_error.median().item() < 0.05
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.8
+
+
+# nanoseek configs that transformers' classes spell differently: config.json must say it their way
+SAVED_CASES = {
+    "dense": {"n_routed_experts": 0},  # README: --set n_routed_experts=0
+    "moe-layer-freq-suffix": {"num_hidden_layers": 3, "first_k_dense_replace": 1, "moe_layer_freq": 2},
+    "v3-softmax-greedy-is-v2": {"topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False},
+    "v3-softmax-group-limited-is-v2": {"topk_method": "group_limited_greedy", "scoring_func": "softmax",
+                                       "norm_topk_prob": False},
+    "v2-noaux-tc-is-v3": {"model_type": "deepseek_v2"},
+    "top1-norm": {"num_experts_per_tok": 1},
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAVED_CASES))
+def test_saved_config_loads_in_transformers_with_same_logits(case, tmp_path):
+    import warnings
+
+    import transformers
+
+    model = nanoseek.build_model(nanoseek.get_preset("test").replace(**SAVED_CASES[case]), seed=0).eval()
+    with torch.no_grad():  # a trained router's correction bias is far from zero
+        for module in model.modules():
+            if getattr(module, "e_score_correction_bias", None) is not None:
+                module.e_score_correction_bias.uniform_(-0.5, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a faithful config.json is saved without a mismatch warning
+        nanoseek.save(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-5
+    back = nanoseek.load(tmp_path)  # and nanoseek reads the same model back, MTP module included
+    assert back.state_dict().keys() == model.state_dict().keys()
+    for (name, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"num_hidden_layers": 3, "first_k_dense_replace": 0, "moe_layer_freq": 2}, "moe_layer_freq"),
+    ({"topk_method": "greedy"}, "topk_method"),
+    ({"topk_method": "group_limited_greedy"}, "topk_method"),
+    ({"topk_method": "greedy", "scoring_func": "softmax"}, "norm_topk_prob"),
+])
+def test_save_warns_when_transformers_cannot_compute_the_model(overrides, field, tmp_path):
+    model = nanoseek.build_model(nanoseek.get_preset("test").replace(**overrides), seed=0)
+    with pytest.warns(UserWarning) as record:
+        nanoseek.save(model, tmp_path / "m")
+    messages = [str(w.message) for w in record]
+    assert any(f"'{field}'" in m and "transformers will compute different logits" in m for m in messages), messages

@@ -94,3 +94,23 @@ def test_tokenizer_command_answers_a_missing_corpus_with_a_message(tmp_path, cap
 
     assert main(["tokenizer", str(tmp_path / "missing"), "--out", str(tmp_path / "tok")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "tok").exists()
+
+
+def test_minimum_vocab_size_is_exact():
+    from nanoseek.tokenizer import MIN_VOCAB_SIZE
+
+    assert MIN_VOCAB_SIZE == 256 + len(SPECIAL_TOKENS) + 1
+    assert Tokenizer.train(CORPUS, vocab_size=MIN_VOCAB_SIZE).vocab_size == MIN_VOCAB_SIZE
+    with pytest.raises(TokenizerError, match=f"vocab_size {MIN_VOCAB_SIZE - 1} must be at least {MIN_VOCAB_SIZE}"):
+        Tokenizer.train(CORPUS, vocab_size=MIN_VOCAB_SIZE - 1)
+
+
+def test_encode_with_a_missing_bos_token_is_named(tok, tmp_path):
+    (tmp_path / "tokenizer.json").write_text(tok.files()["tokenizer.json"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.encode("hi") == tok.encode("hi")
+    with pytest.raises(TokenizerError, match="no <s> token"):
+        loaded.encode("hi", bos=True)
+    with pytest.raises(TokenizerError, match="no </s> token"):
+        loaded.encode("hi", eos=True)
