@@ -131,3 +131,20 @@ def test_a_failing_step_fails_its_requests_and_the_engine_recovers(model, monkey
     again = engine.submit(PROMPTS[0], max_new_tokens=5, stop_token_ids=[])
     engine.run_until_done()
     assert again.result() == alone(model, PROMPTS[0], SamplingParams(), 5)
+
+
+def test_a_request_whose_sampling_cannot_be_built_is_refused_at_submit_and_the_batch_runs_on(model):
+    """Every step builds the running rows' settings as int64 tensors: a request whose top_k does
+    not fit (SamplingParams refuses one, so it is forced in here) must be refused when it is
+    submitted, not fail every request of the batch it would have joined."""
+    engine = Engine(model, max_batch_size=2, max_seq_len=64)
+    good = engine.submit(PROMPTS[0], max_new_tokens=10, stop_token_ids=[])
+    engine.step()
+    bad = SamplingParams(temperature=1.0, seed=0)
+    object.__setattr__(bad, "top_k", 2**70)
+    with pytest.raises(ValueError, match="do not fit"):
+        engine.submit(PROMPTS[1], bad, max_new_tokens=5)
+    with pytest.raises(ValueError, match="SamplingParams"):
+        engine.submit(PROMPTS[1], {"temperature": 1.0}, max_new_tokens=5)
+    engine.run_until_done()
+    assert good.finish_reason == "length" and good.result() == alone(model, PROMPTS[0], SamplingParams(), 10)

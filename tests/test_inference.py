@@ -130,8 +130,21 @@ def test_bad_input_is_named(model):
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+    # top_k and seed become int64 tensors: beyond that they would fail the whole batch at its next step
+    for field, value in [("top_k", 2**63), ("top_k", 2**70), ("seed", 2**63), ("seed", -1)]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(temperature=1.0, **{field: value})
+    assert SamplingParams(top_k=2**63 - 1, seed=2**63 - 1).top_k == 2**63 - 1
     with pytest.raises(ValueError, match="list of token-id lists"):
         nanoseek.generate(model, [1, 2, 3], 4)
+
+
+def test_a_tiny_temperature_is_greedy(model):
+    """logits / 1e-40 overflows fp32 to inf (it gave token 0 forever): below 1e-5 a row is greedy."""
+    greedy = nanoseek.generate(model, PROMPTS, 8, stop_token_ids=[])
+    for kwargs in ({}, dict(top_p=0.9), dict(speculative=True)):
+        assert nanoseek.generate(model, PROMPTS, 8, temperature=1e-40, seed=0, stop_token_ids=[], **kwargs) == greedy
+    assert SamplingParams(temperature=9e-6).greedy and not SamplingParams(temperature=1e-5).greedy
 
 
 def test_filters_keep_the_right_tokens():

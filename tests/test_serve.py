@@ -188,6 +188,65 @@ def test_bad_requests_get_errors_and_the_server_still_serves(server, client):
         client.completions.create(model="gpt-17", prompt="hi")
 
 
+def test_sampling_values_the_engine_cannot_hold_get_400_and_null_means_the_default(server, client):
+    """A top_k beyond int64 used to fail every request of the running batch; an infinite penalty got
+    500. OpenAI's clients send null for optional fields left unset."""
+    url = server.url + "/v1/completions"
+    ok = b'{"model": "tiny-chat", "prompt": "def f", "max_tokens": 3, '
+    for field, value in [("top_k", b"100000000000000000000000"), ("seed", b"9223372036854775808"),
+                         ("repetition_penalty", b"Infinity"), ("repetition_penalty", b"1e999"), ("top_p", b"NaN")]:
+        response = httpx.post(url, content=ok + b'"' + field.encode() + b'": ' + value + b"}",
+                              headers={"content-type": "application/json"})
+        assert response.status_code == 400, (field, value, response.text)
+        assert response.json()["error"]["param"] == field
+    nulls = dict(temperature=None, top_p=None, n=None, presence_penalty=None, frequency_penalty=None, stream=None,
+                 top_k=None, min_p=None, repetition_penalty=None, ignore_eos=None, seed=None, stop=None, user=None,
+                 stream_options=None, echo=None, logprobs=None, suffix=None, best_of=None)
+    response = httpx.post(url, json={"model": "tiny-chat", "prompt": "def f", "max_tokens": 3, **nulls})
+    assert response.status_code == 200, response.text
+    chat = {k: v for k, v in nulls.items() if k not in ("echo", "suffix", "best_of")}
+    response = httpx.post(server.url + "/v1/chat/completions", json={
+        "model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": None,
+        "max_tokens": 3, **chat})
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_a_cache_smaller_than_the_context_bounds_the_context(model_dir, monkeypatch):
+    """--max-cached-tokens below the model's context: a request without max_tokens gets the rest of
+    what the cache may hold (it used to get 400), and /v1/models reports that as the context.
+    In-process, so that the server's own mapping of a refused sampling value to 400 is seen too."""
+    from fastapi.testclient import TestClient
+
+    import nanoseek.serve.server as server_module
+    from nanoseek.inference.sampling import SamplingError
+    from nanoseek.serve.textgen import load_generator
+
+    generator = load_generator(model_dir, max_batch_size=2, max_cached_tokens=64, speculative=1)
+    app = server_module.create_app(generator, model_name="tiny-chat")
+    with TestClient(app) as http:
+        assert http.get("/v1/models").json()["data"][0]["max_model_len"] == 63  # one token for the draft
+        body = {"model": "tiny-chat", "prompt": [0, 5, 9], "ignore_eos": True}
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["total_tokens"] == 63
+        assert http.post("/v1/completions", json={**body, "max_tokens": 61}).json()["error"]["code"] == \
+            "context_length_exceeded"
+
+        def refuse(*args):
+            raise SamplingError("sampling parameter top_p=0.5: refused", "top_p")
+
+        monkeypatch.setattr(server_module, "SamplingParams", refuse)
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "top_p"
+
+
+def test_terminal_chat_refuses_a_max_tokens_below_1(model_dir, capsys):
+    from nanoseek.cli import main
+
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "0"]) == 2
+    assert capsys.readouterr().err.startswith("nanoseek chat: --max-tokens must be at least 1")
+
+
 def wait_for(server, condition, timeout=10.0) -> dict:
     deadline = time.time() + timeout
     while True:

@@ -4,23 +4,34 @@
     echo "To be, or not" | nanoseek generate runs/shakespeare/latest --temperature 0.8 --top-p 0.95
     nanoseek generate CKPT --chat --prompt "Hi!" --stop "\\n\\n" --speculative --stats
     nanoseek generate runs/breast-vlm --image scan.png --prompt "What does this breast ultrasound show?"
+
+A prompt read from stdin loses one trailing newline (the one `echo` adds). --stop understands the
+escapes \\n, \\t, \\r and \\\\, since a shell passes "\\n" as a backslash and an n.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """Turn the escapes \\n, \\t, \\r and \\\\ into their characters, and nothing else. Not
+    codecs' unicode_escape: it reads its input as latin-1, which garbles any other character."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint folder (config.json + safetensors)")
     parser.add_argument("--prompt", action="append",
-                        help="prompt text (repeat for a batch); default: read stdin")
+                        help="prompt text (repeat for a batch); default: read stdin, less one trailing newline")
     parser.add_argument("--tokenizer", help="folder or tokenizer.json (default: the checkpoint folder)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     parser.add_argument("--system", help="system message for --chat")
@@ -28,13 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an image before the prompt text (repeatable; implies --chat; needs a vision-language model)")
     parser.add_argument("--no-bos", action="store_true", help="do not start a plain prompt with the bos token")
     parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (or below 1e-5) = greedy")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--min-p", type=float, default=0.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, help="seed of the first prompt; prompt i gets seed + i")
+    parser.add_argument("--stop", action="append", default=[],
+                        help="stop string (repeatable); \\n, \\t, \\r and \\\\ stand for a newline, a tab, "
+                             "a carriage return and a backslash")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sentence token")
     parser.add_argument("--speculative", type=int, nargs="?", const=-1, default=0, metavar="K",
                         help="MTP speculative decoding with K draft tokens (default K: the model's MTP depth)")
@@ -50,10 +63,12 @@ def run(args) -> int:
     from ..checkpoint import CheckpointError, load
     from ..runtime import DeviceError, pick_device
     from ..tokenizer import Tokenizer, TokenizerError
-    from .engine import Engine
-    from .sampling import SamplingParams
+    from .generate import engine_and_requests
     from .text import TextDecoder
 
+    if args.max_new_tokens < 1:
+        print(f"nanoseek generate: --max-new-tokens must be at least 1, got {args.max_new_tokens}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -62,7 +77,8 @@ def run(args) -> int:
     except (CheckpointError, DeviceError, TokenizerError, OSError) as e:
         print(f"nanoseek generate: {e}", file=sys.stderr)
         return 2
-    texts = args.prompt if args.prompt else [sys.stdin.read()]
+    # `echo` ends its line with a newline the prompt did not mean to hold
+    texts = args.prompt if args.prompt else [sys.stdin.read().removesuffix("\n")]
     prompts, images = [], []
     system = [{"role": "system", "content": args.system}] if args.system else []
     for text in texts:
@@ -82,16 +98,14 @@ def run(args) -> int:
         else:
             prompts.append(tokenizer.encode(text, bos=not args.no_bos and tokenizer.bos_id is not None))
     stop_ids = [] if args.ignore_eos else sorted({*model.config.eos_token_ids, *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])})
-    draft_tokens = max(1, model.config.num_nextn_predict_layers) if args.speculative == -1 else args.speculative
     try:
-        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
-        longest = max(len(p) for p in prompts) + args.max_new_tokens
-        engine = Engine(model, max_batch_size=len(prompts), max_seq_len=min(longest, model.config.max_position_embeddings),
-                        speculative=draft_tokens, compile=args.compile)
-        decoders = [TextDecoder(tokenizer, args.stop or ()) for _ in prompts]  # each request's text and stop test
-        requests = [engine.submit(p, params, max_new_tokens=args.max_new_tokens, stop_token_ids=stop_ids, stop=decoder,
-                                  images=images[i] if images else None)
-                    for i, (p, decoder) in enumerate(zip(prompts, decoders))]
+        stop = [unescape(s) for s in args.stop]
+        decoders = [TextDecoder(tokenizer, stop) for _ in prompts]  # each request's text and stop test
+        # as nanoseek.generate: prompt i gets seed + i, and a cache length shared by similar runs
+        engine, requests = engine_and_requests(
+            model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
+            args.repetition_penalty, args.seed, stop_ids, speculative=True if args.speculative == -1 else args.speculative,
+            compile=args.compile, images=images or None, stops=decoders)
     except ValueError as e:
         print(f"nanoseek generate: {e}", file=sys.stderr)
         return 2
@@ -113,7 +127,7 @@ def run(args) -> int:
         n = s["generated_tokens"]
         line = (f"{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s, {cpu / max(n, 1) * 1000:.2f} CPU ms/token; "
                 f"finish: {', '.join(r.finish_reason for r in requests)}")
-        if draft_tokens:
+        if s["drafted_tokens"]:  # none when every request ended at its first token, before any decode step
             line += (f"; first draft accepted {s['first_draft_acceptance']:.1%}, drafts accepted "
                      f"{s['acceptance_rate']:.1%}, {s['tokens_per_forward']:.2f} tokens per main-model forward")
         print(line, file=sys.stderr)

@@ -263,7 +263,15 @@ class Engine:
 
         images: the prompt's preprocessed images in order (`nanoseek.image.chat_prompt` gives the
         prompt ids with each image's run of image_token_id, and the images)."""
+        if params is not None and not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         params = (params or SamplingParams()).with_seed()
+        # each step builds these tensors for the whole batch: a request whose own cannot be built
+        # must be refused here, not fail every request it would have joined
+        try:
+            SamplingBatch.from_params([params])
+        except (OverflowError, RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"sampling parameters {params} do not fit the engine's tensors: {e}") from None
         prompt = list(prompt)
         images = list(images or [])
         stop_ids = self.limits.check(prompt, max_new_tokens, stop_token_ids, images)

@@ -1,8 +1,9 @@
 """`nanoseek.generate`: continue a batch of token-id prompts, all at once or as a stream.
 
-Both run the continuous-batching engine with one slot per prompt, so there is one decode path.
-Greedy by default; temperature > 0 samples. Prompt i gets seed `seed + i` (a fresh random seed
-each when seed is None), so a seed reproduces every output whatever the batch.
+Both run the continuous-batching engine with one slot per prompt, so there is one decode path, and
+so does the generate command. Greedy by default; temperature > 0 samples (below 1e-5 it is still
+greedy: see sampling.py). Prompt i gets seed `seed + i` (a fresh random seed each when seed is
+None), so a seed reproduces every output whatever the batch.
 """
 
 from __future__ import annotations
@@ -14,8 +15,18 @@ from .engine import Engine
 from .sampling import SamplingParams
 
 
-def _engine_and_requests(model: DeepSeekModel, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                         repetition_penalty, seed, stop_token_ids, stop, speculative, compile, images=None):
+def cache_length(model: DeepSeekModel, longest: int) -> int:
+    """The max_seq_len of an engine for sequences up to `longest` tokens: rounded up to a power of two
+    (at least 256, at most the model's context), so that runs of similar lengths share one compiled
+    step (a compiled step is specialised to the cache's shape, and kept on disk by it)."""
+    return min(model.config.max_position_embeddings, max(256, 1 << (max(longest, 1) - 1).bit_length()))
+
+
+def engine_and_requests(model: DeepSeekModel, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                        repetition_penalty=1.0, seed=None, stop_token_ids=None, stop=None, speculative=False,
+                        compile=False, images=None, stops=None):
+    """An engine holding one slot per prompt, and the prompts submitted to it (what `generate` and
+    the generate command run). stops: one stop callable per prompt, instead of `stop` for all."""
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
         raise ValueError("prompts must be a non-empty list of token-id lists (one per sequence)")
     if images is not None and len(images) != len(prompts):
@@ -23,17 +34,15 @@ def _engine_and_requests(model: DeepSeekModel, prompts, max_new_tokens, temperat
     draft_tokens = int(speculative) if not isinstance(speculative, bool) else (
         max(1, model.config.num_nextn_predict_layers) if speculative else 0)
     longest = max(len(p) for p in prompts) + max_new_tokens
-    # the cache length is rounded up to a power of two, so that calls of similar lengths share one
-    # compiled step (a compiled step is specialised to the cache's shape)
-    max_seq_len = min(model.config.max_position_embeddings, max(256, 1 << (longest - 1).bit_length()))
-    engine = Engine(model, max_batch_size=len(prompts), max_seq_len=max_seq_len, speculative=draft_tokens,
-                    compile=compile)
+    engine = Engine(model, max_batch_size=len(prompts), max_seq_len=cache_length(model, longest),
+                    speculative=draft_tokens, compile=compile)
     requests = []
     for i, prompt in enumerate(prompts):
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty,
                                 None if seed is None else seed + i)
         requests.append(engine.submit(prompt, params, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-                                      stop=stop, images=images[i] if images is not None else None))
+                                      stop=stops[i] if stops is not None else stop,
+                                      images=images[i] if images is not None else None))
     return engine, requests
 
 
@@ -43,8 +52,8 @@ def stream(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int =
            stop: Callable[[list[int]], bool] | None = None, speculative: bool | int = False,
            compile: bool | str = False, images: list[list] | None = None) -> Iterator[tuple[int, list[int]]]:
     """Yield (prompt index, new token ids) as each step produces them. Arguments as `generate`."""
-    engine, requests = _engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                                            repetition_penalty, seed, stop_token_ids, stop, speculative, compile, images)
+    engine, requests = engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                                           repetition_penalty, seed, stop_token_ids, stop, speculative, compile, images)
     index = {r.id: i for i, r in enumerate(requests)}
     while engine.has_work:
         engine.step()
@@ -71,8 +80,8 @@ def generate(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int
     images: for a vision-language model, one list of preprocessed images per prompt, each prompt
     holding their runs of image_token_id (build both with `nanoseek.image.chat_prompt`).
     """
-    engine, requests = _engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                                            repetition_penalty, seed, stop_token_ids, stop, speculative, compile, images)
+    engine, requests = engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                                           repetition_penalty, seed, stop_token_ids, stop, speculative, compile, images)
     engine.run_until_done()
     outputs = [r.result() for r in requests]
     return (outputs, engine.stats()) if return_stats else outputs

@@ -2,7 +2,8 @@
 
 Each row of a batch has its own temperature, top-k, top-p, min-p, repetition penalty and seed, held
 as (B,) tensors, so one set of tensor ops serves every request with no Python loop over rows and no
-host sync. Temperature 0 means greedy.
+host sync. Temperature 0 means greedy, and so does any temperature below GREEDY_BELOW: dividing the
+logits by one that small overflows fp32 to inf (1e-40 gave token 0 forever), as vLLM also found.
 
 Randomness is counter-based: the noise for the token at position p of a request is a hash of
 (seed, p, stream, token id), not a draw from a shared generator. A seed then reproduces the same
@@ -22,11 +23,21 @@ import torch
 # Independent noise streams, so drafting, accepting and resampling the same position never share noise.
 TARGET, DRAFT, ACCEPT = 0, 1, 2
 _MASK32 = 0xFFFFFFFF
+GREEDY_BELOW = 1e-5  # vLLM's threshold
+INT64_LIMIT = 2**63  # top_k and seed become int64 tensors
+
+
+class SamplingError(ValueError):
+    """A sampling parameter out of range; `param` names it (the server answers 400 with that name)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW): greedy
     top_k: int = 0  # 0: no limit
     top_p: float = 1.0
     min_p: float = 0.0
@@ -35,24 +46,25 @@ class SamplingParams:
 
     def __post_init__(self):
         def fail(name, why):
-            raise ValueError(f"sampling parameter {name}={getattr(self, name)!r}: {why}")
+            raise SamplingError(f"sampling parameter {name}={getattr(self, name)!r}: {why}", name)
 
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
             fail("temperature", "must be a finite number >= 0 (0 means greedy)")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            fail("top_k", "must be an integer >= 0 (0 means no limit)")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k < INT64_LIMIT:
+            fail("top_k", "must be an integer in [0, 2**63) (0 means no limit)")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             fail("top_p", "must be in (0, 1]")
         if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
             fail("min_p", "must be in [0, 1]")
         if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < float("inf"):
             fail("repetition_penalty", "must be a finite number > 0 (1 means none)")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
-            fail("seed", "must be a non-negative integer or None")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < INT64_LIMIT):
+            fail("seed", "must be an integer in [0, 2**63) or None")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def with_seed(self) -> "SamplingParams":
         """A copy whose seed is fixed (drawn from torch's global generator if it was None)."""
@@ -65,7 +77,7 @@ class SamplingParams:
 class SamplingBatch(NamedTuple):
     """The settings of B rows as tensors; the flags let a step skip work no row needs."""
 
-    temperature: torch.Tensor  # (B,) fp32, 0 = greedy
+    temperature: torch.Tensor  # (B,) fp32, 0 = greedy (also for rows whose temperature is below GREEDY_BELOW)
     top_k: torch.Tensor  # (B,) long
     top_p: torch.Tensor  # (B,) fp32
     min_p: torch.Tensor  # (B,) fp32
@@ -81,7 +93,7 @@ class SamplingBatch(NamedTuple):
             return torch.tensor(values, dtype=dtype, device=device)
 
         return cls(
-            tensor([p.temperature for p in params], torch.float32),
+            tensor([0.0 if p.greedy else p.temperature for p in params], torch.float32),
             tensor([p.top_k for p in params], torch.long),
             tensor([p.top_p for p in params], torch.float32),
             tensor([p.min_p for p in params], torch.float32),

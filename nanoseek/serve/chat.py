@@ -23,7 +23,7 @@ HELP = "/reset starts a new conversation, /exit leaves (Ctrl-C stops a reply, Ct
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (config.json, weights, tokenizer.json)")
     parser.add_argument("--system", default=None, help="a system prompt to start each conversation with")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 (or below 1e-5) is greedy")
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-tokens", type=int, default=512, help="longest reply")
     parser.add_argument("--seed", type=int, default=None)
@@ -31,13 +31,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as stored")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     parser.add_argument("--speculative", type=int, default=0, help="MTP draft tokens per step (0: off)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--compile", action="store_true",
+                        help="build the decode steps ahead of time (torch.export + AOTInductor) before the first "
+                             "message; kept in $NANOSEEK_CACHE/aot (default ~/.cache/nanoseek/aot), so later starts load them")
 
 
 def run(args) -> int:
     from ..checkpoint import CheckpointError
     from ..tokenizer import TokenizerError
 
+    if args.max_tokens < 1:  # before loading the model, not at the first message
+        print(f"nanoseek chat: --max-tokens must be at least 1, got {args.max_tokens}", file=sys.stderr)
+        return 2
     try:
         generator = load_generator(args.model, dtype=args.dtype, max_batch_size=1, max_seq_len=args.max_seq_len,
                                    speculative=args.speculative, compile=args.compile, device=args.device)

@@ -1,10 +1,11 @@
 """The OpenAI request bodies the server accepts, and OpenAI-style errors.
 
-Bodies are validated strictly (a string where a number belongs is an error, not a conversion) and
-every error becomes OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so clients
-report it as they would OpenAI's. Fields the engine cannot honour are refused with a message
-saying so rather than silently ignored. Extensions with vLLM's names: top_k, min_p,
-repetition_penalty, ignore_eos.
+Bodies are validated strictly (a string where a number belongs is an error, not a conversion, and
+so are NaN and infinities) and every error becomes OpenAI's shape, `{"error": {"message", "type",
+"param", "code"}}`, so clients report it as they would OpenAI's. Fields the engine cannot honour
+are refused with a message saying so rather than silently ignored. Extensions with vLLM's names:
+top_k, min_p, repetition_penalty, ignore_eos. `null` for a field that has a default means that
+default: OpenAI documents its optional fields as nullable, and its clients send null for ones left unset.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+INT64_LIMIT = 2**63  # the engine holds top_k and seed as int64
 
 
 class APIError(Exception):
@@ -29,7 +31,15 @@ class APIError(Exception):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        if not isinstance(data, dict):
+            return data
+        defaulted = {name for name, f in cls.model_fields.items() if not f.is_required() and f.get_default() is not None}
+        return {key: value for key, value in data.items() if value is not None or key not in defaulted}
 
 
 class ImageURL(_Body):
@@ -79,7 +89,7 @@ class _Sampling(_Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 is greedy
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, lt=INT64_LIMIT)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -88,7 +98,7 @@ class _Sampling(_Body):
     presence_penalty: float = 0.0
     user: str | None = None
     # vLLM's extensions
-    top_k: int = Field(0, ge=-1)  # 0 or -1: no limit
+    top_k: int = Field(0, ge=-1, lt=INT64_LIMIT)  # 0 or -1: no limit
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
     ignore_eos: bool = False

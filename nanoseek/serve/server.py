@@ -36,7 +36,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..image import ImageError, chat_prompt
-from ..inference.sampling import SamplingParams
+from ..inference.sampling import SamplingError, SamplingParams
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from .textgen import TextGenerator, load_generator
@@ -137,8 +137,13 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
 
     # ---- generation ----
     def sampling(body, index: int = 0) -> SamplingParams:
+        """The engine's settings for the index-th prompt, or 400 naming a value the protocol let through."""
         seed = None if body.seed is None else (body.seed + index) % 2**63
-        return SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.min_p, body.repetition_penalty, seed)
+        try:
+            return SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.min_p, body.repetition_penalty,
+                                  seed)
+        except SamplingError as e:
+            raise APIError(400, str(e), param=e.param) from None
 
     def budget(body, prompt_ids: list[int], param: str) -> int:
         """max_tokens for this prompt, or 400 if prompt + max_tokens does not fit in the context."""
@@ -165,11 +170,12 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
             if bad is not None:
                 raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
         max_tokens = [budget(body, p, param) for p in prompts]
+        params = [sampling(body, i) for i in range(len(prompts))]
         if engine.stats()["waiting"] + len(prompts) > max_queue:
             raise APIError(429, f"the server is busy: more than {max_queue} requests are waiting; retry later",
                            type="rate_limit_error", code="queue_full")
         return _Batch(generator, metrics, inbox, [
-            dict(prompt_ids=p, params=sampling(body, i), max_tokens=m, stop=body.stop_strings, ignore_eos=body.ignore_eos,
+            dict(prompt_ids=p, params=params[i], max_tokens=m, stop=body.stop_strings, ignore_eos=body.ignore_eos,
                  images=images[i] if images else None)
             for i, (p, m) in enumerate(zip(prompts, max_tokens))])
 
@@ -454,16 +460,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (cache slots)")
     parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot before 429")
     parser.add_argument("--max-seq-len", type=int, default=None,
-                        help="context per request, prompt + max_tokens (default: the model's max_position_embeddings)")
+                        help="context per request, prompt + max_tokens (default: the model's max_position_embeddings; "
+                             "at most --max-cached-tokens less the draft tokens)")
     parser.add_argument("--max-cached-tokens", type=int, default=None,
-                        help="tokens all running requests may hold in the cache together (default: every slot full)")
+                        help="tokens all running requests may hold in the cache together, so also the most one "
+                             "request may (default: every slot full)")
     parser.add_argument("--default-max-tokens", type=int, default=None,
                         help="max_tokens when a request gives none (default: the rest of the context)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as stored")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     parser.add_argument("--speculative", type=int, default=0, help="MTP draft tokens per step (0: off)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--compile", action="store_true",
+                        help="build the decode steps ahead of time (torch.export + AOTInductor), one per batch size "
+                             "and sampling mode, before answering; kept in $NANOSEEK_CACHE/aot (default "
+                             "~/.cache/nanoseek/aot), so later starts load them")
     parser.add_argument("--stream-interval", type=float, default=DEFAULT_STREAM_INTERVAL,
                         help="least seconds between two chunks of a stream, which carry every token in between "
                              "(0: a chunk per token; default %(default)s)")

@@ -91,6 +91,13 @@ def load_generator(path, *, dtype: str | None = None, max_batch_size: int = 8, m
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: they do not belong together")
+    if max_cached_tokens:
+        # one request can hold no more than the whole cache may (prompt + max_tokens + draft tokens):
+        # that is its context, which the server reports and fills when a request names no max_tokens
+        max_seq_len = min(max_seq_len or model.config.max_position_embeddings, max_cached_tokens - speculative)
+        if max_seq_len < 2:
+            raise ValueError(f"max_cached_tokens ({max_cached_tokens}) leaves no room for a prompt and a reply"
+                             + (f" with {speculative} draft tokens" if speculative else ""))
     engine = Engine(model, max_batch_size=max_batch_size, max_cached_tokens=max_cached_tokens,
                     max_seq_len=max_seq_len, speculative=speculative, compile=compile)
     # warm up before the first client: one request; when compiling, every batch size a compiled step
