@@ -12,6 +12,7 @@ from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import balance
 from nanoseek.train.metrics import forward_flops_per_token
 from nanoseek.train.optim import lr_at, param_groups
+from nanoseek.train.loss import IGNORE
 from nanoseek.train.trainer import Settings, Trainer
 
 
@@ -177,3 +178,87 @@ def test_chunked_cross_entropy_matches_torch(dtype):
     assert grad.dtype == dtype
     torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
     assert grad[:, ::5].abs().max() == 0  # ignored targets get no gradient
+
+
+def test_mtp_agreement_counts_only_scored_tokens(shards, tmp_path):
+    """SFT val batches: prompts and padding are IGNORE; agreement is a fraction of the scored tokens."""
+    trainer = make_trainer(shards, tmp_path)
+    with torch.no_grad():
+        trainer.model.lm_head.weight.zero_()  # all logits equal: main model and draft agree everywhere
+    inputs = torch.randint(8, 256, (2, 16))
+    targets = torch.full((2, 16), IGNORE)
+    targets[:, 12:] = inputs[:, 12:]
+    trainer.val = [(inputs, targets)]
+    assert trainer.evaluate()["val_mtp_agree"] == 1.0
+
+
+def test_time_budget_of_a_resumed_run_counts_only_this_process(shards, tmp_path, monkeypatch):
+    """Resumed at step 95 with 50 of 60 s spent; 5 steps here took 5 s: about 5 more steps fit."""
+    import nanoseek.train.trainer as trainer_module
+
+    trainer = make_trainer(shards, tmp_path, steps=None, minutes=1.0)
+    clock = [1000.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+    trainer.elapsed, trainer._first_step, trainer.step = 50.0, 95, 100
+    trainer._started = clock[0] - 5.0
+    assert trainer._steps_for_budget() == 105
+
+
+def test_save_removes_what_a_killed_save_left(shards, tmp_path):
+    trainer = make_trainer(shards, tmp_path, steps=3)
+    stale = [".step-000001.partial", "..step-000001.partial.tmp-ab12cd", ".step-000001.old-4242",
+             "..step-000002.partial.old-77"]
+    for name in stale:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 100)
+    trainer.train_step()
+    trainer.save()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step-")] == ["step-000001"]
+
+
+def test_padding_is_not_expert_load():
+    """Routing counts and the sequence balance loss of a right-padded batch equal those of its real tokens."""
+    config = nanoseek.get_preset("test").replace(n_group=1, topk_group=1)
+    moe = MoE(config)
+    K, T = config.num_experts_per_tok, 6
+    torch.manual_seed(0)
+    x = torch.randn(2, T, config.hidden_size)
+    lengths = [6, 3]
+    real = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        moe(x)
+    counts = balance.routed_counts(moe, balance.token_mask(moe, real))
+    loss = balance.sequence_balance_loss(moe, 2, balance.token_mask(moe, real))
+    assert int(counts.sum()) == sum(lengths) * K
+    expect_counts, expect_losses = 0, []
+    for row, n in enumerate(lengths):
+        with torch.no_grad():
+            moe(x[row : row + 1, :n])
+        expect_counts = expect_counts + balance.routed_counts(moe)
+        expect_losses.append(balance.sequence_balance_loss(moe, 1))
+    assert torch.equal(counts, expect_counts)
+    assert float(loss) == pytest.approx(float(sum(expect_losses) / 2), rel=1e-5)
+    # an MTP module at depth 1 routes T - 1 tokens a row: the mask drops the ones made from padding
+    moe.last_topk_idx = torch.zeros(2 * (T - 1), K, dtype=torch.long)
+    assert balance.token_mask(moe, real).tolist() == real[:, 1:].tolist()
+
+
+def test_padded_batches_train_the_router_bias_on_real_tokens_only(shards, tmp_path):
+    tok, _ = shards
+
+    class Padded:
+        def next_batch(self):
+            inputs = torch.randint(8, tok.vocab_size, (2, 16))
+            inputs[1, 5:] = tok.pad_id
+            targets = torch.where(inputs == tok.pad_id, IGNORE, inputs)
+            return inputs, targets
+
+    trainer = make_trainer(shards, tmp_path, steps=1)
+    trainer.loader = Padded()
+    stats = trainer.train_step()
+    K = trainer.model.config.num_experts_per_tok
+    main_layers = [c for (i, _), c in zip(trainer.moes, stats["expert_counts"]) if i < trainer.model.config.num_hidden_layers]
+    mtp_layers = [c for (i, _), c in zip(trainer.moes, stats["expert_counts"]) if i >= trainer.model.config.num_hidden_layers]
+    assert main_layers and all(int(c.sum()) == (16 + 5) * K for c in main_layers)
+    assert mtp_layers and all(int(c.sum()) == (15 + 4) * K for c in mtp_layers)

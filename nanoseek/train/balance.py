@@ -21,23 +21,45 @@ def moe_layers(model: DeepSeekModel) -> list[tuple[int, MoE]]:
     return [(block.layer_idx, block.mlp) for block in blocks if block.is_moe]
 
 
-def routed_counts(moe: MoE) -> torch.Tensor:
-    """Tokens routed to each expert in the MoE's last forward, (E,) int64."""
-    return torch.bincount(moe.last_topk_idx.reshape(-1), minlength=moe.gate.n_experts)
+def token_mask(moe: MoE, real_BT: torch.Tensor | None) -> torch.Tensor | None:
+    """The real (not padding) tokens of the MoE's last forward, given those of the main model's
+    input (B, T), padding only at the end of a row. An MTP module at depth k routes T - k tokens
+    per row, the i-th made from input token i + k: it is padding when that token is."""
+    if real_BT is None:
+        return None
+    B, T = real_BT.shape
+    return real_BT[:, T - moe.last_topk_idx.shape[0] // B :]
 
 
-def sequence_balance_loss(moe: MoE, batch_size: int) -> torch.Tensor:
-    """The sequence-wise balance loss of the MoE's last forward (before the alpha weight)."""
+def routed_counts(moe: MoE, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens routed to each expert in the MoE's last forward (those in mask_BT only), (E,) int64."""
+    topk_idx = moe.last_topk_idx if mask_BT is None else moe.last_topk_idx[mask_BT.reshape(-1)]
+    return torch.bincount(topk_idx.reshape(-1), minlength=moe.gate.n_experts)
+
+
+def sequence_balance_loss(moe: MoE, batch_size: int, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """The sequence-wise balance loss of the MoE's last forward (before the alpha weight); with
+    mask_BT, over each sequence's real tokens only (padding would otherwise count as load)."""
     scores_BTE = moe.last_scores.view(batch_size, -1, moe.gate.n_experts)
     topk_BN = moe.last_topk_idx.reshape(batch_size, -1)
     E, T = scores_BTE.shape[-1], scores_BTE.shape[1]
     K = topk_BN.shape[1] // T
-    probs_BE = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    if mask_BT is None:
+        probs_BE = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)
+        counts_BE = torch.zeros(batch_size, E, device=scores_BTE.device).scatter_add_(
+            1, topk_BN, torch.ones_like(topk_BN, dtype=torch.float32)
+        )
+        f_BE = counts_BE * (E / (K * T))
+        return (f_BE * probs_BE).sum(dim=-1).mean()
+    weight_BT = mask_BT.float()
+    tokens_B1 = weight_BT.sum(dim=1, keepdim=True).clamp_min(1)
+    probs_BE = ((scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)) * weight_BT[..., None]).sum(dim=1) / tokens_B1
     counts_BE = torch.zeros(batch_size, E, device=scores_BTE.device).scatter_add_(
-        1, topk_BN, torch.ones_like(topk_BN, dtype=torch.float32)
+        1, topk_BN, weight_BT.repeat_interleave(K, dim=1)
     )
-    f_BE = counts_BE * (E / (K * T))
-    return (f_BE * probs_BE).sum(dim=-1).mean()
+    f_BE = counts_BE * E / (K * tokens_B1)
+    rows = (mask_BT.sum(dim=1) > 0).sum().clamp_min(1)  # a row of padding only has no sequence to balance
+    return (f_BE * probs_BE).sum(dim=-1).sum() / rows
 
 
 @torch.no_grad()

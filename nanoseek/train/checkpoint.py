@@ -40,6 +40,12 @@ STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "training_state.pt"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# what a save killed midway leaves: .step-N.partial, save()'s temporary folder inside it
+# (..step-N.partial.tmp-XXXX) and replace_dir()'s swapped-out folders (.step-N.old-PID,
+# ..step-N.partial.old-PID); each holds up to a whole checkpoint
+_STALE = re.compile(r"^\.\.?step-\d+\.(partial|old-)")
+# the trainer_state.json keys each command needs to resume a run: a run of the other command lacks them
+_RESUME_KEYS = {"train": ("data_dir", "corpus"), "sft": ("data", "init", "val_fraction")}
 # errors the commands report as a one-line message: bad input or a damaged checkpoint
 USER_ERRORS = (CheckpointError, ConfigError, DataError, DeviceError, TokenizerError)
 
@@ -87,8 +93,9 @@ def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekModel, tokenizer:
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in run_dir.glob(".step-*.partial"):  # left by a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in run_dir.iterdir():
+        if _STALE.match(stale.name) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -139,6 +146,18 @@ def resolve_resume(path: str | os.PathLike) -> Path:
 
 def read_state(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def check_resumable_by(command: str, state: dict, checkpoint: str | os.PathLike) -> None:
+    """Raise CheckpointError unless `nanoseek {command}` wrote this checkpoint's state."""
+    if all(key in state for key in _RESUME_KEYS[command]):
+        return
+    writer = next((c for c, keys in _RESUME_KEYS.items() if all(key in state for key in keys)), None)
+    if writer:
+        raise CheckpointError(f"{checkpoint} is a `nanoseek {writer}` run, not a `nanoseek {command}` one: "
+                              f"continue it with nanoseek {writer} --resume")
+    raise CheckpointError(f"{checkpoint} was not written by `nanoseek {command}`: its {STATE_FILE} lacks "
+                          + ", ".join(k for k in _RESUME_KEYS[command] if k not in state))
 
 
 def load_checkpoint(path: str | os.PathLike, model: DeepSeekModel) -> tuple[dict, dict]:

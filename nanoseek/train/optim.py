@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+SCHEDULES = ("cosine", "wsd")
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Matrices (and stacked expert weights) decay; vectors (norm gains, biases) do not."""
@@ -42,4 +44,4 @@ def lr_at(step: int, *, max_lr: float, total_steps: int, warmup_steps: int, sche
             return max_lr
         progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
         return max_lr - (max_lr - min_lr) * progress
-    raise ValueError(f"unknown schedule {schedule!r}; use 'cosine' or 'wsd'")
+    raise ValueError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")

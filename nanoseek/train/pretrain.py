@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import PRESETS, ModelConfig, get_preset
+from ..config import PRESETS, ConfigError, ModelConfig, get_preset
 from ..data import (DataError, PackedLoader, TokenStream, corpus_fingerprint, iter_documents, prepare_shards,
                     read_meta, resolve_corpus, tokenizer_fingerprint, val_batches)
 from ..model.params import count_parameters, human
 from ..model.transformer import build_model
-from ..tokenizer import Tokenizer, sample_texts
+from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer, sample_texts
 from ..checkpoint import CheckpointError
-from .checkpoint import list_checkpoints, read_state, report_user_errors, resolve_resume
+from .checkpoint import check_resumable_by, list_checkpoints, read_state, report_user_errors, resolve_resume
 from ..runtime import pick_device
 from .metrics import pick_dtype
 from .trainer import Settings, Trainer
@@ -49,20 +49,27 @@ SETTING_HELP = {
 }
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, defaults: Settings) -> None:
-    """One --flag per Settings field, typed from its default."""
+def add_settings_arguments(parser: argparse.ArgumentParser, defaults: Settings, helps: dict | None = None) -> None:
+    """One --flag per Settings field, typed from its default; helps overrides SETTING_HELP."""
+    helps = {**SETTING_HELP, **(helps or {})}
     for field in dataclasses.fields(Settings):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=default, help=SETTING_HELP.get(field.name))
+            parser.add_argument(flag, action="store_true", default=default, help=helps.get(field.name))
         else:
             kind = {"steps": int, "minutes": float}.get(field.name, type(default))
-            parser.add_argument(flag, type=kind, default=default, help=SETTING_HELP.get(field.name))
+            parser.add_argument(flag, type=kind, default=default, help=helps.get(field.name))
 
 
-def settings_from_args(args) -> Settings:
-    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+def settings_from_args(args, default_steps: int | None = None) -> Settings:
+    """The run's settings: --steps wins over --minutes; default_steps when neither is given."""
+    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    if settings.steps is not None:
+        settings.minutes = None
+    elif settings.minutes is None:
+        settings.steps = default_steps
+    return settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="run folder (default runs/<corpus name>)")
     parser.add_argument("--preset", default="small", choices=sorted(n for n in PRESETS if not n.startswith("deepseek")))
     parser.add_argument("--config", default=None, help="a config.json to start from instead of a preset")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field (JSON value)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field (JSON value, or true/false/none, or a plain string)")
     parser.add_argument("--tokenizer", default=None, help="an existing tokenizer (folder or tokenizer.json); default: train one")
     parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary of the trained tokenizer (default: the config's)")
     parser.add_argument("--tokenizer-max-bytes", type=int, default=20_000_000)
@@ -87,21 +95,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                             eval_every=100, eval_batches=20, save_every=200))
 
 
-def model_config(args, vocab_size: int, tok: Tokenizer) -> ModelConfig:
+# fields the tokenizer decides, whatever --set says
+TOKENIZER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
+def parse_set_value(text: str):
+    """A --set VALUE: true/false/none in any case (Python's spelling too), else JSON, else the
+    text itself (string fields such as scoring_func)."""
+    if text.strip().lower() in _WORDS:
+        return _WORDS[text.strip().lower()]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def base_config(args) -> ModelConfig:
+    """The preset (or --config) with every --set applied: the model before the tokenizer fixes its
+    vocabulary and special token ids. Known before any data work, so a bad field fails at once."""
     config = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
     changes = {}
     for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep or key not in {f.name for f in dataclasses.fields(ModelConfig)}:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with a ModelConfig field")
-        try:
-            changes[key] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[key] = value
-    changes.update(vocab_size=vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        if not sep or key not in fields:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE with a ModelConfig field")
+        if key in TOKENIZER_FIELDS:
+            raise ConfigError(f"--set {key}: the special token ids are the tokenizer's, not a setting")
+        changes[key] = parse_set_value(value)
+    if args.vocab_size and changes.get("vocab_size", args.vocab_size) != args.vocab_size:
+        raise ConfigError(f"--vocab-size {args.vocab_size} and --set vocab_size={changes['vocab_size']} disagree")
     config = config.replace(**changes)
     config.validate()
     return config
+
+
+def model_config(base: ModelConfig, tok: Tokenizer) -> ModelConfig:
+    """base with the tokenizer's vocabulary size and special token ids."""
+    config = base.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                          pad_token_id=tok.pad_id)
+    config.validate()
+    return config
+
+
+def stored_data_dir(data_dir: Path, run_dir: Path) -> str:
+    """data_dir as trainer_state.json keeps it: relative to the run folder when inside it, so a
+    moved or copied run still finds its shards."""
+    try:
+        return str(data_dir.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(data_dir.resolve())
+
+
+def resumed_data_dir(stored: str, run_dir: Path) -> Path:
+    """The shards of a run being resumed. Older runs stored an absolute path: when that is gone
+    (the run was moved), the run's own data/ is used."""
+    path = Path(stored)
+    if not path.is_absolute():
+        return run_dir / path
+    if not path.exists() and (run_dir / "data").is_dir():
+        return run_dir / "data"
+    return path
 
 
 def prepare_data(args, run_dir: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
@@ -183,8 +238,10 @@ def _run(args) -> int:
     if resumed:
         checkpoint = resolve_resume(args.resume)
         state = read_state(checkpoint)
+        check_resumable_by("train", state, checkpoint)
         settings = Settings.from_dict(state["settings"])
-        run_dir, data_dir = checkpoint.parent, Path(state["data_dir"])
+        run_dir = checkpoint.parent
+        data_dir = resumed_data_dir(state["data_dir"], run_dir)
         tok = Tokenizer.load(checkpoint)
         config = ModelConfig.from_json(checkpoint / "config.json")
         corpus = state["corpus"]
@@ -192,13 +249,14 @@ def _run(args) -> int:
     else:
         corpus = args.corpus
         settings = settings_from_args(args)
+        base = base_config(args)
+        settings.validate(mtp_modules=base.num_nextn_predict_layers)
         settings.dtype = pick_dtype(settings.dtype, device)
-        if settings.steps is not None:
-            settings.minutes = None
         run_dir = fresh_run_dir(args)
-        base = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
-        tok, data_dir = prepare_data(args, run_dir, args.vocab_size or base.vocab_size)
-        config = model_config(args, tok.vocab_size, tok)
+        # a preset's vocabulary can be below what a byte-level BPE with our special tokens needs
+        # (`test` has 256, for tests that build models without a tokenizer)
+        tok, data_dir = prepare_data(args, run_dir, args.vocab_size or max(base.vocab_size, MIN_VOCAB_SIZE))
+        config = model_config(base, tok)
     train_stream, val_stream = TokenStream(data_dir, "train"), TokenStream(data_dir, "val")
     loader = PackedLoader(train_stream, settings.batch_size, settings.seq_len, seed=settings.seed)
     val = val_batches(val_stream, settings.batch_size, settings.seq_len, settings.eval_batches)
@@ -208,8 +266,8 @@ def _run(args) -> int:
           f"+ {human(counts['mtp_total'])} in {config.num_nextn_predict_layers} MTP module(s); "
           f"{len(train_stream):,} training tokens; batch {settings.batch_size}x{settings.seq_len}x{settings.grad_accum}; "
           f"{settings.dtype}; " + (f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)))
-    trainer = Trainer(model, settings, tok, loader, val, run_dir, extra_state={"data_dir": str(data_dir.resolve()),
-                                                                             "corpus": corpus})
+    trainer = Trainer(model, settings, tok, loader, val, run_dir,
+                      extra_state={"data_dir": stored_data_dir(data_dir, run_dir), "corpus": corpus})
     if resumed:
         trainer.load(checkpoint)
     result = trainer.fit(resumed=resumed)

@@ -23,44 +23,61 @@ import torch
 from ..checkpoint import CheckpointError
 from ..checkpoint import load as load_model
 from ..tokenizer import Tokenizer, TokenizerError
-from .checkpoint import list_checkpoints, read_state, report_user_errors, resolve_resume
+from .checkpoint import check_resumable_by, list_checkpoints, read_state, report_user_errors, resolve_resume
 from .pretrain import add_settings_arguments, settings_from_args
 from ..runtime import pick_device
 from .metrics import pick_dtype
 from .trainer import IGNORE, Settings, Trainer
 
 
+DEFAULT_STEPS = 200  # without --steps or --minutes
+
+
 class SFTDataError(ValueError):
-    """A chat JSONL line is malformed; names the file and line."""
+    """The chat data is missing or malformed; names the file and line."""
 
 
-def read_conversations(path: str | Path) -> list[list[dict]]:
+def read_conversations(path: str | Path) -> list[tuple[int, list[dict]]]:
+    """(line number, messages) of each conversation of a chat JSONL file."""
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")  # bytes: a line that is not UTF-8 can then be named
+    except OSError as e:
+        raise SFTDataError(f"{path}: cannot read the chat data ({e.strerror})") from e
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SFTDataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from e
             if not line.strip():
                 continue
             try:
                 messages = json.loads(line)["messages"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise SFTDataError(f"{path}:{lineno}: expected {{\"messages\": [...]}} ({e})") from e
+            if not isinstance(messages, list):
+                raise SFTDataError(f"{path}:{lineno}: \"messages\" must be a list of {{\"role\", \"content\"}} "
+                                   f"objects, got {type(messages).__name__}")
             if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
                 raise SFTDataError(f"{path}:{lineno}: no assistant message, nothing to learn from")
-            conversations.append(messages)
+            conversations.append((lineno, messages))
     if not conversations:
         raise SFTDataError(f"{path}: no conversations")
     return conversations
 
 
-def encode_examples(tok: Tokenizer, conversations: list[list[dict]], seq_len: int, where: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
+def encode_examples(tok: Tokenizer, conversations: list[list[dict]], seq_len: int,
+                    names: list[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each conversation -> (inputs, targets) of at most seq_len tokens; targets are IGNORE except
-    where the token to predict is part of an assistant reply."""
+    where the token to predict is part of an assistant reply. names[i] is how an error calls
+    conversation i (its file and line; default: its index)."""
     examples = []
     for i, messages in enumerate(conversations):
         try:
             ids, mask = tok.encode_chat_for_training(messages)
         except TokenizerError as e:
-            raise SFTDataError(f"{where}conversation {i}: {e}") from e
+            raise SFTDataError(f"{names[i] if names else f'conversation {i}'}: {e}") from e
         ids, mask = np.array(ids[: seq_len + 1], dtype=np.int64), np.array(mask[: seq_len + 1])
         targets = np.where(mask[1:], ids[1:], IGNORE)
         if (targets != IGNORE).any():  # a reply cut off entirely by truncation teaches nothing
@@ -107,12 +124,13 @@ class ChatLoader:
         self.seed, self.epoch, self.index = state["seed"], state["epoch"], state["index"]
 
 
-def split_conversations(conversations: list, val_fraction: float) -> tuple[list, list]:
-    """Held out by a hash of the conversation's text, so the split survives reordering the file."""
+def split_conversations(conversations: list[tuple[int, list[dict]]], val_fraction: float) -> tuple[list, list]:
+    """(line, messages) pairs held out by a hash of the conversation's text, so the split survives
+    reordering the file."""
     train, val = [], []
-    for messages in conversations:
-        key = zlib.crc32(json.dumps(messages, sort_keys=True).encode())
-        (val if key % 10_000 < val_fraction * 10_000 else train).append(messages)
+    for item in conversations:
+        key = zlib.crc32(json.dumps(item[1], sort_keys=True).encode())
+        (val if key % 10_000 < val_fraction * 10_000 else train).append(item)
     if not val and len(train) > 1:
         val.append(train.pop())
     return train, val
@@ -126,11 +144,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     parser.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
-    add_settings_arguments(parser, Settings(steps=200, lr=3e-4, warmup_steps=20, seq_len=512, eval_every=50, log_every=5))
+    add_settings_arguments(parser, Settings(lr=3e-4, warmup_steps=20, seq_len=512, eval_every=50, log_every=5),
+                           helps={"steps": f"optimizer steps (default: {DEFAULT_STEPS}, or as many as fit --minutes)"})
 
 
 def run(args) -> int:
-    return report_user_errors("sft", lambda: _run(args))
+    return report_user_errors("sft", lambda: _run(args), more_errors=(SFTDataError,))
+
+
+def encode_split(tok: Tokenizer, data, train_conv: list, val_conv: list, seq_len: int, val_fraction: float) -> tuple[list, list]:
+    """The training and validation examples of (line, messages) pairs; an error when there is
+    nothing to train on (the loader could not fill a single batch)."""
+    if not train_conv:
+        raise SFTDataError(f"{data}: --val-fraction {val_fraction} holds out all {len(val_conv)} conversations, "
+                           "none is left to train on")
+    train = encode_examples(tok, [m for _, m in train_conv], seq_len, [f"{data}:{line}" for line, _ in train_conv])
+    val = encode_examples(tok, [m for _, m in val_conv], seq_len, [f"{data}:{line}" for line, _ in val_conv])
+    if not train:
+        raise SFTDataError(f"{data}: no training conversation has an assistant token within its first "
+                           f"--seq-len {seq_len} tokens (the prompts are longer): raise --seq-len")
+    return train, val
 
 
 def _run(args) -> int:
@@ -141,24 +174,26 @@ def _run(args) -> int:
     if args.resume:
         checkpoint = resolve_resume(args.resume)
         state = read_state(checkpoint)
+        check_resumable_by("sft", state, checkpoint)
         settings = Settings.from_dict(state["settings"])
         init, data, run_dir, val_fraction = checkpoint, state["data"], checkpoint.parent, state["val_fraction"]
         print(f"resuming {checkpoint} at step {state['step']}")
     else:
         if not args.init or not args.data:
-            raise SystemExit("nanoseek sft needs --init CHECKPOINT and --data CHATS.jsonl (or --resume RUN)")
-        settings = settings_from_args(args)
+            raise SFTDataError("needs --init CHECKPOINT and --data CHATS.jsonl (or --resume RUN)")
+        settings = settings_from_args(args, default_steps=DEFAULT_STEPS)
+        settings.validate()  # the MTP depth is capped by the model's below
         settings.dtype = pick_dtype(settings.dtype, device)
         init, data, run_dir, val_fraction = Path(args.init), args.data, Path(args.out), args.val_fraction
         if list_checkpoints(run_dir):
             raise CheckpointError(f"{run_dir} already holds checkpoints of a run: continue it with --resume {run_dir}, "
                                   "or fine-tune into another --out")
+    conversations = read_conversations(data)  # before loading the model: bad data fails at once
     tok = Tokenizer.load(init)
     model = load_model(init, dtype=torch.float32, device=device)
     settings.mtp_depth = min(settings.mtp_depth, len(model.mtp))
-    train_conv, val_conv = split_conversations(read_conversations(data), val_fraction)
-    train = encode_examples(tok, train_conv, settings.seq_len, f"{data}: ")
-    val_examples = encode_examples(tok, val_conv, settings.seq_len, f"{data}: ")
+    train_conv, val_conv = split_conversations(conversations, val_fraction)
+    train, val_examples = encode_split(tok, data, train_conv, val_conv, settings.seq_len, val_fraction)
     val = [collate(val_examples[i : i + settings.batch_size], tok.pad_id)
            for i in range(0, min(len(val_examples), settings.batch_size * settings.eval_batches), settings.batch_size)]
     n_targets = sum(int((y != IGNORE).sum()) for _, y in train)
@@ -171,7 +206,7 @@ def _run(args) -> int:
     result = trainer.fit(resumed=bool(args.resume))
     print(f"\nfine-tuned {result['step']} steps; val loss on assistant tokens {result.get('val_loss', float('nan')):.3f}")
     if val_conv:
-        prompt = [m for m in val_conv[0] if m.get("role") != "assistant"][:2]
+        prompt = [m for m in val_conv[0][1] if m.get("role") != "assistant"][:2]
         ids = torch.tensor([tok.encode_chat(prompt)])
         model.eval()
         with torch.no_grad():

@@ -25,13 +25,16 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from ..config import ConfigError
 from ..model.transformer import DeepSeekModel
 from ..tokenizer import Tokenizer
 from . import balance
 from .checkpoint import load_checkpoint, save_checkpoint
 from .loss import IGNORE, cross_entropy_sum
 from .metrics import MetricsLog, measure_matmul_flops, pick_dtype, plot_run, train_flops_per_token
-from .optim import build_optimizer, lr_at
+from .optim import SCHEDULES, build_optimizer, lr_at
+
+DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -68,6 +71,45 @@ class Settings:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
 
+    def validate(self, mtp_modules: int | None = None) -> None:
+        """Raise ConfigError naming the flag of the first impossible setting. The commands call this
+        before any work: a bad value otherwise surfaces as a crash minutes into a run (after the
+        tokenizer and shards are built, or at the end of warmup), or as a run that trains nothing.
+        mtp_modules: the model's num_nextn_predict_layers, when known."""
+        def fail(name: str, why: str):
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
+
+        def number(name: str) -> bool:
+            value = getattr(self, name)
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name in ("batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(name, "must be a whole number >= 1")
+        for name in ("warmup_steps", "mtp_depth", "eval_every", "save_every", "keep"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                fail(name, "must be a whole number >= 0")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            fail("steps", "must be a whole number >= 1")
+        if self.minutes is not None and not (number("minutes") and self.minutes > 0):
+            fail("minutes", "must be a positive number")
+        if self.steps is None and self.minutes is None:
+            raise ConfigError("give --steps or --minutes: nothing else ends the run")
+        if not (number("lr") and self.lr > 0):
+            fail("lr", "must be a positive number")
+        for name in ("weight_decay", "grad_clip", "mtp_lambda", "bias_gamma", "balance_alpha"):
+            if not (number(name) and getattr(self, name) >= 0):
+                fail(name, "must be a number >= 0")
+        for name in ("min_lr_ratio", "decay_frac"):
+            if not (number(name) and 0 <= getattr(self, name) <= 1):
+                fail(name, "must be a number from 0 to 1")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"must be one of {', '.join(SCHEDULES)}")
+        if self.dtype not in DTYPES:
+            fail("dtype", f"must be one of {', '.join(DTYPES)}")
+        if mtp_modules is not None and self.mtp_depth > mtp_modules:
+            fail("mtp_depth", f"the model has {mtp_modules} MTP module(s) (num_nextn_predict_layers)")
+
 
 class Loader(Protocol):
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -87,12 +129,8 @@ class Trainer:
         self.model, self.s, self.tokenizer, self.loader, self.val = model, settings, tokenizer, loader, val
         self.run_dir = Path(run_dir)
         self.extra_state = extra_state or {}  # what the command needs to rebuild data and model on resume
-        if settings.mtp_depth > len(model.mtp):
-            raise ValueError(f"--mtp-depth {settings.mtp_depth} but the model has {len(model.mtp)} MTP modules "
-                             "(num_nextn_predict_layers)")
+        settings.validate(mtp_modules=len(model.mtp))
         settings.dtype = pick_dtype(settings.dtype, model.device)
-        if settings.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype must be 'fp32', 'bf16' or 'auto', got {settings.dtype!r}")
         self.optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
         self.moes = balance.moe_layers(model)
         self.step = 0
@@ -122,8 +160,12 @@ class Trainer:
         n_targets = sum(int((t != IGNORE).sum()) for _, t in batches)
         n_mtp = [sum(int((t[:, k:] != IGNORE).sum()) for _, t in batches) for k in range(1, s.mtp_depth + 1)]
         counts = [torch.zeros(moe.gate.n_experts, dtype=torch.long, device=device) for _, moe in self.moes]
+        pad_id = getattr(self.tokenizer, "pad_id", None)
         loss_sum = mtp_sum = bal_sum = 0.0
         for inputs, targets in batches:
+            # SFT pads rows to the longest one: padding must not count as expert load (all of it
+            # routes alike, so it would push the bias and the balance loss the wrong way)
+            real = inputs != pad_id if pad_id is not None and bool((inputs == pad_id).any()) else None
             with self.autocast:
                 logits, hidden = model(inputs, return_hidden=True)
                 loss = cross_entropy_sum(logits, targets) / max(1, n_targets)
@@ -136,13 +178,14 @@ class Trainer:
                     mtp_sum += float(mtp.detach())
                 active = [(i, moe) for i, (_, moe) in enumerate(self.moes) if moe.last_topk_idx is not None]
                 if s.balance_alpha and active:
-                    bal = sum(balance.sequence_balance_loss(moe, inputs.shape[0]) for _, moe in active) / s.grad_accum
+                    bal = sum(balance.sequence_balance_loss(moe, inputs.shape[0], balance.token_mask(moe, real))
+                              for _, moe in active) / s.grad_accum
                     total = total + s.balance_alpha * bal
                     bal_sum += float(bal.detach())
             total.backward()
             loss_sum += float(loss.detach())
             for i, moe in active:
-                counts[i] += balance.routed_counts(moe)
+                counts[i] += balance.routed_counts(moe, balance.token_mask(moe, real))
                 moe.last_topk_idx = moe.last_scores = None  # release the graph; also marks "not run"
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip) if s.grad_clip else None
         self.optimizer.step()
@@ -177,8 +220,9 @@ class Trainer:
                 if s.mtp_depth:
                     (draft,) = model.mtp_forward(hidden, inputs, 1)
                     mtp += float(cross_entropy_sum(draft, targets[:, 1:]))
-                    n_mtp += int((targets[:, 1:] != IGNORE).sum())
-                    agree += float((draft.argmax(-1) == logits[:, 1:].argmax(-1)).float().sum())
+                    scored = targets[:, 1:] != IGNORE  # as the loss: not padding, not SFT prompts
+                    n_mtp += int(scored.sum())
+                    agree += int(((draft.argmax(-1) == logits[:, 1:].argmax(-1)) & scored).sum())
         for _, moe in self.moes:
             moe.last_topk_idx = moe.last_scores = None
         out = {"val_loss": loss / max(1, n)}
@@ -223,6 +267,7 @@ class Trainer:
         self.peak_flops = measure_matmul_flops(torch.bfloat16 if s.dtype == "bf16" else torch.float32, self.model.device)
         log = MetricsLog(self.run_dir, resume_step=self.step if resumed else None)
         self._started = time.perf_counter()
+        self._first_step = self.step  # a resumed run's earlier steps took none of this process's time
         probe_steps = 10
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
         window = {"tokens": 0, "seconds": 0.0, "counts": None, "loss": [], "mtp": []}
@@ -238,7 +283,7 @@ class Trainer:
                 window["mtp"].append(stats["mtp_loss"])
             counts = torch.stack(stats["expert_counts"]) if self.moes else None
             window["counts"] = counts if window["counts"] is None else window["counts"] + counts
-            if self.total_steps is None and self.step >= probe_steps:
+            if self.total_steps is None and self.step - self._first_step >= probe_steps:
                 self.total_steps = self._steps_for_budget()
                 bar.reset(total=self.total_steps)
                 bar.update(self.step - 1)  # the step just taken is counted below
@@ -290,7 +335,7 @@ class Trainer:
         """Total steps that fit the time budget, from the probe steps' pace and one timed evaluation."""
         s = self.s
         spent = time.perf_counter() - self._started
-        per_step = spent / self.step
+        per_step = spent / max(1, self.step - self._first_step)
         eval_start = time.perf_counter()
         if self.val and s.eval_every:
             self.evaluate()
