@@ -54,18 +54,20 @@ def resolve_corpus(corpus: str | os.PathLike) -> Path:
     return path
 
 
-def _read_text(path: Path) -> str | None:
-    """The file as UTF-8 text, or None for binary or undecodable files."""
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text; DataError naming the file (and line) when it is unreadable, binary or
+    not UTF-8."""
     try:
         raw = path.read_bytes()
-    except OSError:
-        return None
+    except OSError as e:
+        raise DataError(f"cannot read corpus {path}: {e.strerror or e}") from e
     if b"\0" in raw[:8192]:
-        return None
+        raise DataError(f"{path} is a binary file, not UTF-8 text")
     try:
         return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte offset {e.start}: {e.reason})") from e
 
 
 def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
@@ -80,11 +82,18 @@ def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
             # the bytes, mostly repetitive assertions that would crowd out everything else)
             files = [f for f in files if f.suffix == ".py" and not TEST_DIRS & set(f.relative_to(path).parts[:-1])]
         for file in sorted(files, key=lambda f: f.relative_to(path).as_posix()):
-            text = _read_text(file)
+            try:
+                text = read_text(file)
+            except DataError:  # a folder of sources also holds images, archives, other encodings
+                continue
             if text:
                 yield file.relative_to(path).as_posix(), text
     elif path.suffix == ".jsonl":
-        with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 can be named
+        try:
+            f = open(path, "rb")  # bytes, so that a line that is not UTF-8 can be named
+        except OSError as e:
+            raise DataError(f"cannot read corpus {path}: {e.strerror or e}") from e
+        with f:
             for lineno, raw in enumerate(f, 1):
                 try:
                     line = raw.decode("utf-8")
@@ -100,18 +109,7 @@ def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
                     raise DataError(f"{path}:{lineno}: 'text' must be a string")
                 yield f"{path.name}:{lineno}", text
     else:
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise DataError(f"cannot read corpus {path}: {e.strerror or e}") from e
-        if b"\0" in raw[:8192]:
-            raise DataError(f"{path} is a binary file, not UTF-8 text")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise DataError(f"{path}:{line}: not UTF-8 text (byte offset {e.start}: {e.reason})") from e
-        yield path.name, text
+        yield path.name, read_text(path)
 
 
 def corpus_fingerprint(corpus: str | os.PathLike) -> str:

@@ -101,6 +101,9 @@ def test_seed_reproduces(model):
     a = nanoseek.generate(model, PROMPTS, 20, temperature=1.0, stop_token_ids=[])
     torch.manual_seed(5)
     assert nanoseek.generate(model, PROMPTS, 20, temperature=1.0, stop_token_ids=[]) == a
+    # the largest seed: later prompts' seed + i wraps around as the server's does, not an error
+    last = nanoseek.generate(model, PROMPTS[:2], 5, **dict(kwargs, seed=2**63 - 1))
+    assert nanoseek.generate(model, PROMPTS[1:2], 5, **dict(kwargs, seed=0)) == last[1:]
 
 
 def test_stop_tokens_and_stop_callable(model):

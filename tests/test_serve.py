@@ -245,6 +245,9 @@ def test_terminal_chat_refuses_a_max_tokens_below_1(model_dir, capsys):
 
     assert main(["chat", "--model", str(model_dir), "--max-tokens", "0"]) == 2
     assert capsys.readouterr().err.startswith("nanoseek chat: --max-tokens must be at least 1")
+    # sampling flags too are checked before the model loads (no such folder: its error would come first)
+    assert main(["chat", "--model", str(model_dir / "missing"), "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
 
 
 def wait_for(server, condition, timeout=10.0) -> dict:

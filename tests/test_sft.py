@@ -111,8 +111,10 @@ def test_nothing_to_train_on_is_explained(base, tmp_path, capsys):
     assert sft_main(base, tmp_path / "long.jsonl", tmp_path / "a", "--seq-len", "16") == 2
     assert "no training conversation has an assistant token within its first --seq-len 16" in capsys.readouterr().err
     (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS[:6]))
-    assert sft_main(base, tmp_path / "chats.jsonl", tmp_path / "b", "--val-fraction", "1") == 2
-    assert "--val-fraction 1.0 holds out all 6 conversations" in capsys.readouterr().err
+    assert sft_main(base, tmp_path / "chats.jsonl", tmp_path / "b", "--val-fraction", "0.9999") == 2
+    assert "--val-fraction 0.9999 holds out all 6 conversations" in capsys.readouterr().err
+    assert sft_main(base, tmp_path / "chats.jsonl", tmp_path / "c", "--val-fraction", "1") == 2
+    assert "--val-fraction 1.0: must be at least 0 and below 1" in capsys.readouterr().err
 
 
 def test_minutes_sets_the_length_unless_steps_is_given():

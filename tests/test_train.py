@@ -13,7 +13,7 @@ from nanoseek.train import balance
 from nanoseek.train.metrics import forward_flops_per_token
 from nanoseek.train.optim import lr_at, param_groups
 from nanoseek.train.loss import IGNORE
-from nanoseek.train.trainer import Settings, Trainer
+from nanoseek.train.trainer import Settings, Trainer, unpadded
 
 
 
@@ -248,6 +248,8 @@ def test_padded_batches_train_the_router_bias_on_real_tokens_only(shards, tmp_pa
     tok, _ = shards
 
     class Padded:
+        pad_id = tok.pad_id  # as sft.ChatLoader: the trainer masks padding only for a loader that pads
+
         def next_batch(self):
             inputs = torch.randint(8, tok.vocab_size, (2, 16))
             inputs[1, 5:] = tok.pad_id
@@ -262,3 +264,12 @@ def test_padded_batches_train_the_router_bias_on_real_tokens_only(shards, tmp_pa
     mtp_layers = [c for (i, _), c in zip(trainer.moes, stats["expert_counts"]) if i >= trainer.model.config.num_hidden_layers]
     assert main_layers and all(int(c.sum()) == (16 + 5) * K for c in main_layers)
     assert mtp_layers and all(int(c.sum()) == (15 + 4) * K for c in mtp_layers)
+
+
+def test_only_a_trailing_run_of_the_pad_token_is_padding():
+    """DeepSeek's tokenizers pad with their end-of-sentence token, which also ends every turn."""
+    eos = 1
+    inputs = torch.tensor([[5, eos, 6, 7, eos, eos, eos], [5, eos, 6, 7, 8, 9, 4], [eos, eos, eos, eos, eos, eos, eos]])
+    real = unpadded(inputs, eos)
+    assert real.tolist() == [[True, True, True, True, False, False, False], [True] * 7, [False] * 7]
+    assert unpadded(inputs[1:2], eos) is None  # no row ends in padding: nothing to mask

@@ -6,6 +6,8 @@ import json
 import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import nanoseek
 from nanoseek.cli import main
@@ -57,6 +59,9 @@ def run(corpus):
     (["--set", "no_such_field=1"], "expected FIELD=VALUE with a ModelConfig field"),
     (["--set", "hidden_size=-4"], "hidden_size"),
     (["--vocab-size", "300", "--set", "vocab_size=400"], "disagree"),
+    (["--vocab-size", "100"], "--vocab-size 100: a byte-level BPE"),
+    (["--set", "vocab_size=100"], "--vocab-size 100: a byte-level BPE"),
+    (["--val-fraction", "1.5"], "--val-fraction 1.5"),
 ])
 def test_train_refuses_bad_settings_before_any_work(corpus, tmp_path, capsys, flags, message):
     out = tmp_path / "run"
@@ -70,6 +75,7 @@ def test_train_refuses_bad_settings_before_any_work(corpus, tmp_path, capsys, fl
     (["--schedule", "linear"], "--schedule 'linear'"),
     (["--log-every", "0"], "--log-every 0"),
     (["--grad-accum", "0"], "--grad-accum 0"),
+    (["--val-fraction", "1"], "--val-fraction 1.0"),
 ])
 def test_sft_refuses_bad_settings_before_any_work(tmp_path, capsys, flags, message):
     # neither --init nor --data exists: the settings are checked first
@@ -113,12 +119,15 @@ def test_moved_run_resumes(corpus, tmp_path):
     assert train(corpus, first, "--steps", "4", "--save-every", "2", "--vocab-size", "300") == 0
     state = json.loads((first / "latest" / "trainer_state.json").read_text())
     assert state["data_dir"] == "data"  # relative to the run folder
+    uninterrupted = load_file(first / "step-000004" / "model.safetensors")
     moved = tmp_path / "moved"
     first.rename(moved)
     shutil.rmtree(moved / "step-000004")
     (moved / "latest").unlink()
     assert main(["train", "--resume", str(moved), "--threads", "1", "--device", "cpu"]) == 0
-    assert (moved / "step-000004" / "manifest.json").exists()
+    resumed = load_file(moved / "step-000004" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)  # resumed exactly, data included
 
 
 def test_old_absolute_data_dir_falls_back_to_the_runs_own(tmp_path):

@@ -2,7 +2,7 @@
 
 Both run the continuous-batching engine with one slot per prompt, so there is one decode path, and
 so does the generate command. Greedy by default; temperature > 0 samples (below 1e-5 it is still
-greedy: see sampling.py). Prompt i gets seed `seed + i` (a fresh random seed each when seed is
+greedy: see sampling.py). Prompt i gets seed `seed + i` (modulo 2**63, as the server does; a fresh random seed each when seed is
 None), so a seed reproduces every output whatever the batch.
 """
 
@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 from ..model.transformer import DeepSeekModel
 from .engine import Engine
-from .sampling import SamplingParams
+from .sampling import INT64_LIMIT, SamplingParams
 
 
 def cache_length(model: DeepSeekModel, longest: int) -> int:
@@ -39,7 +39,7 @@ def engine_and_requests(model: DeepSeekModel, prompts, max_new_tokens, temperatu
     requests = []
     for i, prompt in enumerate(prompts):
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty,
-                                None if seed is None else seed + i)
+                                None if seed is None else (seed + i) % INT64_LIMIT)
         requests.append(engine.submit(prompt, params, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
                                       stop=stops[i] if stops is not None else stop,
                                       images=images[i] if images is not None else None))

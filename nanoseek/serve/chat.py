@@ -44,9 +44,9 @@ def run(args) -> int:
         print(f"nanoseek chat: --max-tokens must be at least 1, got {args.max_tokens}", file=sys.stderr)
         return 2
     try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)  # before the load too
         generator = load_generator(args.model, dtype=args.dtype, max_batch_size=1, max_seq_len=args.max_seq_len,
                                    speculative=args.speculative, compile=args.compile, device=args.device)
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     except (CheckpointError, TokenizerError, ValueError, FileNotFoundError) as e:
         print(f"nanoseek chat: {e}", file=sys.stderr)
         return 2

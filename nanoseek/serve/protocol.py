@@ -14,8 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..inference.sampling import INT64_LIMIT  # the engine holds top_k and seed as int64
+
 MAX_STOP_STRINGS = 4  # as OpenAI
-INT64_LIMIT = 2**63  # the engine holds top_k and seed as int64
 
 
 class APIError(Exception):

@@ -40,7 +40,7 @@ STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "training_state.pt"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# what a save killed midway leaves: .step-N.partial, save()'s temporary folder inside it
+# what a save killed midway leaves: .step-N.partial, the temporary folder save() makes beside it
 # (..step-N.partial.tmp-XXXX) and replace_dir()'s swapped-out folders (.step-N.old-PID,
 # ..step-N.partial.old-PID); each holds up to a whole checkpoint
 _STALE = re.compile(r"^\.\.?step-\d+\.(partial|old-)")

@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field (JSON value, or true/false/none, or a plain string)")
     parser.add_argument("--tokenizer", default=None, help="an existing tokenizer (folder or tokenizer.json); default: train one")
-    parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary of the trained tokenizer (default: the config's)")
+    parser.add_argument("--vocab-size", type=int, default=None, help=f"vocabulary of the trained tokenizer (default: the config's, at least {MIN_VOCAB_SIZE})")
     parser.add_argument("--tokenizer-max-bytes", type=int, default=20_000_000)
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--prompt", action="append", default=None, help="prompt to complete at the end (repeatable)")
@@ -126,9 +126,25 @@ def base_config(args) -> ModelConfig:
         changes[key] = parse_set_value(value)
     if args.vocab_size and changes.get("vocab_size", args.vocab_size) != args.vocab_size:
         raise ConfigError(f"--vocab-size {args.vocab_size} and --set vocab_size={changes['vocab_size']} disagree")
+    asked = args.vocab_size or changes.get("vocab_size")
+    if isinstance(asked, int) and asked < MIN_VOCAB_SIZE:  # other types: config.validate names them
+        raise ConfigError(f"--vocab-size {asked}: a byte-level BPE with nanoseek's special tokens needs at least {MIN_VOCAB_SIZE}")
+    if not 0 < args.val_fraction < 1:
+        raise ConfigError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
     config = config.replace(**changes)
     config.validate()
     return config
+
+
+def tokenizer_vocab_size(args, base: ModelConfig) -> int:
+    """--vocab-size or --set vocab_size as given (base_config checked them); otherwise the config's,
+    raised to what a byte-level BPE with our special tokens needs (the `test` preset has 256, for
+    tests that build models without a tokenizer)."""
+    if args.vocab_size:
+        return args.vocab_size
+    if any(item.startswith("vocab_size=") for item in args.set):
+        return base.vocab_size
+    return max(base.vocab_size, MIN_VOCAB_SIZE)
 
 
 def model_config(base: ModelConfig, tok: Tokenizer) -> ModelConfig:
@@ -253,9 +269,7 @@ def _run(args) -> int:
         settings.validate(mtp_modules=base.num_nextn_predict_layers)
         settings.dtype = pick_dtype(settings.dtype, device)
         run_dir = fresh_run_dir(args)
-        # a preset's vocabulary can be below what a byte-level BPE with our special tokens needs
-        # (`test` has 256, for tests that build models without a tokenizer)
-        tok, data_dir = prepare_data(args, run_dir, args.vocab_size or max(base.vocab_size, MIN_VOCAB_SIZE))
+        tok, data_dir = prepare_data(args, run_dir, tokenizer_vocab_size(args, base))
         config = model_config(base, tok)
     train_stream, val_stream = TokenStream(data_dir, "train"), TokenStream(data_dir, "val")
     loader = PackedLoader(train_stream, settings.batch_size, settings.seq_len, seed=settings.seed)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError
+from ..config import ConfigError
 from ..checkpoint import load as load_model
 from ..tokenizer import Tokenizer, TokenizerError
 from .checkpoint import check_resumable_by, list_checkpoints, read_state, report_user_errors, resolve_resume
@@ -43,7 +44,7 @@ def read_conversations(path: str | Path) -> list[tuple[int, list[dict]]]:
     try:
         f = open(path, "rb")  # bytes: a line that is not UTF-8 can then be named
     except OSError as e:
-        raise SFTDataError(f"{path}: cannot read the chat data ({e.strerror})") from e
+        raise SFTDataError(f"{path}: cannot read the chat data ({e.strerror or e})") from e
     with f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -183,6 +184,8 @@ def _run(args) -> int:
             raise SFTDataError("needs --init CHECKPOINT and --data CHATS.jsonl (or --resume RUN)")
         settings = settings_from_args(args, default_steps=DEFAULT_STEPS)
         settings.validate()  # the MTP depth is capped by the model's below
+        if not 0 <= args.val_fraction < 1:  # 1 would hold out every conversation
+            raise ConfigError(f"--val-fraction {args.val_fraction}: must be at least 0 and below 1")
         settings.dtype = pick_dtype(settings.dtype, device)
         init, data, run_dir, val_fraction = Path(args.init), args.data, Path(args.out), args.val_fraction
         if list_checkpoints(run_dir):

@@ -111,6 +111,20 @@ class Settings:
             fail("mtp_depth", f"the model has {mtp_modules} MTP module(s) (num_nextn_predict_layers)")
 
 
+def unpadded(inputs_BT: torch.Tensor, pad_id: int) -> torch.Tensor | None:
+    """(B, T) bool, True before each row's trailing run of pad_id; None when no row ends in one.
+    Only the trailing run: a tokenizer whose pad token is its end-of-sentence token (DeepSeek's
+    are) also has that token inside the text. (Such a row's own last end-of-sentence then counts
+    as padding: one token of balancing statistics.)"""
+    pad_BT = inputs_BT == pad_id
+    if not bool(pad_BT[:, -1].any()):
+        return None
+    T = inputs_BT.shape[1]
+    positions_T = torch.arange(1, T + 1, device=inputs_BT.device)
+    length_B = ((~pad_BT) * positions_T).amax(dim=1)  # 1 + the last position that is not padding
+    return positions_T - 1 < length_B.unsqueeze(1)
+
+
 class Loader(Protocol):
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
     def state_dict(self) -> dict: ...
@@ -160,12 +174,13 @@ class Trainer:
         n_targets = sum(int((t != IGNORE).sum()) for _, t in batches)
         n_mtp = [sum(int((t[:, k:] != IGNORE).sum()) for _, t in batches) for k in range(1, s.mtp_depth + 1)]
         counts = [torch.zeros(moe.gate.n_experts, dtype=torch.long, device=device) for _, moe in self.moes]
-        pad_id = getattr(self.tokenizer, "pad_id", None)
+        # A loader that pads rows (SFT's) says with what; packed pretraining windows have no padding.
+        pad_id = getattr(self.loader, "pad_id", None)
         loss_sum = mtp_sum = bal_sum = 0.0
         for inputs, targets in batches:
-            # SFT pads rows to the longest one: padding must not count as expert load (all of it
-            # routes alike, so it would push the bias and the balance loss the wrong way)
-            real = inputs != pad_id if pad_id is not None and bool((inputs == pad_id).any()) else None
+            # padding must not count as expert load (all of it routes alike, so it would push the
+            # bias and the balance loss the wrong way)
+            real = None if pad_id is None else unpadded(inputs, pad_id)
             with self.autocast:
                 logits, hidden = model(inputs, return_hidden=True)
                 loss = cross_entropy_sum(logits, targets) / max(1, n_targets)
