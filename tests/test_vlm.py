@@ -120,7 +120,7 @@ def test_mixup_loss_is_the_weighted_loss_of_both_replies_after_the_mixed_image(t
     model, tok = vlm.build_vlm(args, vlm.data_texts(examples))
     vcfg = VisionConfig.from_dict(model.config.vision_config)
     batch = make_batch(examples[:6], tok, vcfg)
-    loss = vlm.mixup_loss(model, batch, args, np.random.default_rng(3))
+    loss, ids = vlm.mixup_loss(model, batch, args, np.random.default_rng(3))
     rng = np.random.default_rng(3)  # the same draws, by hand
     lam = float(rng.beta(0.4, 0.4))
     other = torch.from_numpy(rng.permutation(6))
@@ -130,6 +130,30 @@ def test_mixup_loss_is_the_weighted_loss_of_both_replies_after_the_mixed_image(t
     expected = lam * vlm.reply_loss(own, batch.targets, args) + (1 - lam) * vlm.reply_loss(theirs, batch.targets[other], args)
     assert 0 < lam < 1 and not torch.equal(other, torch.arange(6))
     torch.testing.assert_close(loss, expected)
+    assert torch.equal(ids, torch.cat([batch.input_ids, batch.input_ids[other]]))
+
+
+@pytest.mark.parametrize("mixup", ["0", "0.4"])
+def test_router_bias_learns_from_real_tokens_not_padding(tmp_path, mixup):
+    """Replies differ in length ("malignant" vs "normal or benign"), so batches end in padding."""
+    examples, _ = medmnist_examples(fake_medmnist(tmp_path / "breastmnist.npz"), "train")
+    args = parse(["--data", "x", "--out", "y", "--mixup", mixup, *TINY])
+    model, tok = vlm.build_vlm(args, vlm.data_texts(examples))
+    batch = make_batch(examples[:8], tok, VisionConfig.from_dict(model.config.vision_config))
+    n_pad = int((batch.input_ids == tok.pad_id).sum())
+    assert n_pad > 0
+    seen = []
+    original = vlm.update_router_bias
+    try:
+        vlm.update_router_bias = lambda moe, counts, rate: seen.append(int(counts.sum()))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        vlm.train_step(model, batch, optimizer, 1e-3, args, np.random.default_rng(0))
+    finally:
+        vlm.update_router_bias = original
+    # mixup reads the batch twice (own replies, then a permutation's): twice the real tokens
+    reads = 2 if mixup != "0" else 1
+    real_tokens = reads * (batch.input_ids.numel() - n_pad)
+    assert seen and all(count == real_tokens * model.config.num_experts_per_tok for count in seen)
 
 
 def test_tiny_vlm_training_lowers_the_loss_and_eval_reports_accuracy(tmp_path, capsys):

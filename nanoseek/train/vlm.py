@@ -34,10 +34,11 @@ from ..model.transformer import DeepSeekModel, build_model
 from ..model.vision import VisionConfig, merge_image_embeds
 from ..runtime import pick_device
 from ..tokenizer import Tokenizer
-from .balance import moe_layers, routed_counts, update_router_bias
+from .balance import moe_layers, routed_counts, token_mask, update_router_bias
 from .optim import build_optimizer, lr_at
 from .checkpoint import report_user_errors
 from .vlm_data import ClassTask, Example, VLMDataError, make_batch, medmnist_examples, read_jsonl
+from .trainer import unpadded
 from .vlm_eval import evaluate
 
 TRAIN_INFO = "vlm_train.json"  # written beside the weights: the task, the arguments, the history
@@ -142,11 +143,12 @@ def reply_loss(logits, targets, args) -> torch.Tensor:
                            label_smoothing=args.label_smoothing)
 
 
-def mixup_loss(model: DeepSeekModel, batch, args, rng: np.random.Generator) -> torch.Tensor | None:
+def mixup_loss(model: DeepSeekModel, batch, args, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Mixup (Zhang et al., 2018) for answers in words: each image becomes lam * itself + (1 - lam) *
     another image of the batch, and the loss is lam * the loss of its own reply + (1 - lam) * the
     loss of the other's reply, both read after the same mixed image (one vision pass; the language
-    model sees the batch twice, once with each reply). None when views differ in shape (tiling)."""
+    model sees the batch twice, once with each reply). Returns the loss and the (2B, T) ids the
+    language model read; None when views differ in shape (tiling)."""
     if len({im.views.shape for im in batch.images}) != 1:
         return None
     lam = float(rng.beta(args.mixup, args.mixup))
@@ -159,22 +161,27 @@ def mixup_loss(model: DeepSeekModel, batch, args, rng: np.random.Generator) -> t
     both_images = torch.cat([image_embeds, image_embeds])  # row i and row B + i read the same mixed image
     embeds = merge_image_embeds(model.embed(both_ids), both_ids == model.config.image_token_id, both_images)
     own_logits, other_logits = model(inputs_embeds=embeds).chunk(2)
-    return lam * reply_loss(own_logits, batch.targets, args) + (1 - lam) * reply_loss(other_logits, batch.targets[other], args)
+    loss = lam * reply_loss(own_logits, batch.targets, args) + (1 - lam) * reply_loss(other_logits, batch.targets[other], args)
+    return loss, both_ids
 
 
 def train_step(model: DeepSeekModel, batch, optimizer, lr: float, args, rng: np.random.Generator) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = mixup_loss(model, batch, args, rng) if args.mixup > 0 else None
-    if loss is None:
+    mixed = mixup_loss(model, batch, args, rng) if args.mixup > 0 else None
+    if mixed is None:
         logits = model(inputs_embeds=model.embed_multimodal(batch.input_ids, batch.images))
-        loss = reply_loss(logits, batch.targets, args)
+        loss, ids = reply_loss(logits, batch.targets, args), batch.input_ids
+    else:
+        loss, ids = mixed
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.grad_clip)
     optimizer.step()
-    for _, moe in moe_layers(model):  # DeepSeek-V3's auxiliary-loss-free balancing
-        update_router_bias(moe, routed_counts(moe), args.bias_update_rate)
+    # replies differ in length, so rows end in padding, which must not count as expert load
+    real = unpadded(ids, pad_id) if (pad_id := model.config.pad_token_id) is not None else None
+    for _, moe in moe_layers(model):  # DeepSeek-V3's auxiliary-loss-free balancing, on the real tokens
+        update_router_bias(moe, routed_counts(moe, token_mask(moe, real)), args.bias_update_rate)
     return loss.item()
 
 
