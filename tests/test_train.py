@@ -223,6 +223,9 @@ def test_padding_is_not_expert_load():
     moe = MoE(config)
     K, T = config.num_experts_per_tok, 6
     torch.manual_seed(0)
+    with torch.no_grad():  # MoE's own parameters start uninitialised (torch.empty): NaNs some runs
+        for param in moe.parameters():
+            param.normal_(0, 0.02)
     x = torch.randn(2, T, config.hidden_size)
     lengths = [6, 3]
     real = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
