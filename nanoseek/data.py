@@ -70,6 +70,25 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 text (byte offset {e.start}: {e.reason})") from e
 
 
+def jsonl_lines(path: str | os.PathLike, error: type[Exception] = DataError,
+                what: str = "corpus") -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a JSONL file, decoded one line at a time so that
+    a line that is not UTF-8 is named; unreadable files and such lines raise `error`. The corpus,
+    SFT's chats and train-vlm's pairs all read their JSONL through this."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} ({e.strerror or e})") from e
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason})") from e
+            if line.strip():
+                yield lineno, line
+
+
 def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
     """(name, text) for every document of the corpus, in a fixed order."""
     path = resolve_corpus(corpus)
@@ -89,25 +108,14 @@ def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
             if text:
                 yield file.relative_to(path).as_posix(), text
     elif path.suffix == ".jsonl":
-        try:
-            f = open(path, "rb")  # bytes, so that a line that is not UTF-8 can be named
-        except OSError as e:
-            raise DataError(f"cannot read corpus {path}: {e.strerror or e}") from e
-        with f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason})") from e
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({e})") from e
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno}: 'text' must be a string")
-                yield f"{path.name}:{lineno}", text
+        for lineno, line in jsonl_lines(path):
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({e})") from e
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: 'text' must be a string")
+            yield f"{path.name}:{lineno}", text
     else:
         yield path.name, read_text(path)
 

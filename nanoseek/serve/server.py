@@ -36,7 +36,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..image import ImageError, chat_prompt
-from ..inference.sampling import SamplingError, SamplingParams
+from ..inference.sampling import INT64_LIMIT, SamplingError, SamplingParams
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from .textgen import TextGenerator, load_generator
@@ -138,7 +138,7 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
     # ---- generation ----
     def sampling(body, index: int = 0) -> SamplingParams:
         """The engine's settings for the index-th prompt, or 400 naming a value the protocol let through."""
-        seed = None if body.seed is None else (body.seed + index) % 2**63
+        seed = None if body.seed is None else (body.seed + index) % INT64_LIMIT
         try:
             return SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.min_p, body.repetition_penalty,
                                   seed)

@@ -112,8 +112,9 @@ def parse_set_value(text: str):
 
 
 def base_config(args) -> ModelConfig:
-    """The preset (or --config) with every --set applied: the model before the tokenizer fixes its
-    vocabulary and special token ids. Known before any data work, so a bad field fails at once."""
+    """The preset (or --config) with every --set applied and the vocabulary the tokenizer is to have:
+    the model before the tokenizer fixes its vocabulary and special token ids. Known before any
+    data work, so a bad field fails at once."""
     config = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     changes = {}
@@ -129,22 +130,14 @@ def base_config(args) -> ModelConfig:
     asked = args.vocab_size or changes.get("vocab_size")
     if isinstance(asked, int) and asked < MIN_VOCAB_SIZE:  # other types: config.validate names them
         raise ConfigError(f"--vocab-size {asked}: a byte-level BPE with nanoseek's special tokens needs at least {MIN_VOCAB_SIZE}")
+    # the size the tokenizer is trained to; a preset's own can be below that minimum (`test` has 256,
+    # for tests that build models without a tokenizer)
+    changes["vocab_size"] = asked if asked is not None else max(config.vocab_size, MIN_VOCAB_SIZE)
     if not 0 < args.val_fraction < 1:
         raise ConfigError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
     config = config.replace(**changes)
     config.validate()
     return config
-
-
-def tokenizer_vocab_size(args, base: ModelConfig) -> int:
-    """--vocab-size or --set vocab_size as given (base_config checked them); otherwise the config's,
-    raised to what a byte-level BPE with our special tokens needs (the `test` preset has 256, for
-    tests that build models without a tokenizer)."""
-    if args.vocab_size:
-        return args.vocab_size
-    if any(item.startswith("vocab_size=") for item in args.set):
-        return base.vocab_size
-    return max(base.vocab_size, MIN_VOCAB_SIZE)
 
 
 def model_config(base: ModelConfig, tok: Tokenizer) -> ModelConfig:
@@ -269,7 +262,7 @@ def _run(args) -> int:
         settings.validate(mtp_modules=base.num_nextn_predict_layers)
         settings.dtype = pick_dtype(settings.dtype, device)
         run_dir = fresh_run_dir(args)
-        tok, data_dir = prepare_data(args, run_dir, tokenizer_vocab_size(args, base))
+        tok, data_dir = prepare_data(args, run_dir, base.vocab_size)
         config = model_config(base, tok)
     train_stream, val_stream = TokenStream(data_dir, "train"), TokenStream(data_dir, "val")
     loader = PackedLoader(train_stream, settings.batch_size, settings.seq_len, seed=settings.seed)

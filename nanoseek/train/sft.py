@@ -22,6 +22,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
+from ..data import jsonl_lines
 from ..checkpoint import load as load_model
 from ..tokenizer import Tokenizer, TokenizerError
 from .checkpoint import check_resumable_by, list_checkpoints, read_state, report_user_errors, resolve_resume
@@ -41,28 +42,17 @@ class SFTDataError(ValueError):
 def read_conversations(path: str | Path) -> list[tuple[int, list[dict]]]:
     """(line number, messages) of each conversation of a chat JSONL file."""
     conversations = []
-    try:
-        f = open(path, "rb")  # bytes: a line that is not UTF-8 can then be named
-    except OSError as e:
-        raise SFTDataError(f"{path}: cannot read the chat data ({e.strerror or e})") from e
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise SFTDataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from e
-            if not line.strip():
-                continue
-            try:
-                messages = json.loads(line)["messages"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise SFTDataError(f"{path}:{lineno}: expected {{\"messages\": [...]}} ({e})") from e
-            if not isinstance(messages, list):
-                raise SFTDataError(f"{path}:{lineno}: \"messages\" must be a list of {{\"role\", \"content\"}} "
-                                   f"objects, got {type(messages).__name__}")
-            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-                raise SFTDataError(f"{path}:{lineno}: no assistant message, nothing to learn from")
-            conversations.append((lineno, messages))
+    for lineno, line in jsonl_lines(path, SFTDataError, "chat data"):
+        try:
+            messages = json.loads(line)["messages"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SFTDataError(f"{path}:{lineno}: expected {{\"messages\": [...]}} ({e})") from e
+        if not isinstance(messages, list):
+            raise SFTDataError(f"{path}:{lineno}: \"messages\" must be a list of {{\"role\", \"content\"}} "
+                               f"objects, got {type(messages).__name__}")
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+            raise SFTDataError(f"{path}:{lineno}: no assistant message, nothing to learn from")
+        conversations.append((lineno, messages))
     if not conversations:
         raise SFTDataError(f"{path}: no conversations")
     return conversations

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from ..data import jsonl_lines
 from ..image import ImageError, load_image, preprocess
 from ..model.vision import ImageInput, VisionConfig, image_token_count
 from ..tokenizer import IMAGE, Tokenizer
@@ -142,9 +143,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
     if not path.is_file():
         raise VLMDataError(f"{path}: no such file")
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in jsonl_lines(path, VLMDataError, "image-text pairs"):
         where = f"{path}:{n}"
         try:
             record = json.loads(line)
