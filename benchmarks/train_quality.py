@@ -17,6 +17,8 @@ fp32, to see what bf16 does to the loss curve (and how much faster it gets there
     python benchmarks/train_quality.py --corpus ../shared/data/text/tinyshakespeare.txt --minutes 5
     python benchmarks/train_quality.py --minutes 10 --dtype fp32 --out runs/q_moe_dense_fp32
     python benchmarks/train_quality.py --corpus stdlib --minutes 10 --dtype fp32 --out runs/q_moe_dense_stdlib
+    python benchmarks/train_quality.py --minutes 10 --dtype fp32 --moe-set n_routed_experts=8 \
+        --moe-set moe_intermediate_size=256 --moe-set num_experts_per_tok=2 --out runs/q_moe8x256_dense_fp32
     python benchmarks/train_quality.py --mode bf16-vs-fp32 --steps 200
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import nanoseek
 from nanoseek.model.params import count_parameters
+from nanoseek.train.pretrain import parse_set_value
 
 
 def read_rows(run: Path) -> list[dict]:
@@ -46,6 +49,9 @@ def main():
     parser.add_argument("--preset", default="small")
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--out", default=None, help="folder for both runs and the plot (default: a temp folder)")
+    parser.add_argument("--moe-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="moe-vs-dense: change the MoE's experts (e.g. moe_intermediate_size=256); the dense "
+                             "model's width follows the activated width")
     parser.add_argument("--report-only", action="store_true", help="summarise the runs already in --out")
     parser.add_argument("--train-args", default="--batch-size 8 --seq-len 256 --eval-every 50 --eval-batches 20 --lr 2e-3",
                         help="extra `nanoseek train` arguments, the same for both runs")
@@ -53,6 +59,9 @@ def main():
     if args.corpus != "stdlib" and not Path(args.corpus).exists():  # stdlib: Python's own sources, as the main job
         sys.exit(f"corpus {args.corpus} not found")
     config = nanoseek.get_preset(args.preset)
+    moe_changes = dict(item.partition("=")[::2] for item in args.moe_set)
+    config = config.replace(**{key: parse_set_value(value) for key, value in moe_changes.items()})
+    config.validate()
     active_width = (config.num_experts_per_tok + config.n_shared_experts) * config.moe_intermediate_size
     out = Path(args.out or tempfile.mkdtemp(prefix=f"{args.mode}-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +70,7 @@ def main():
               "--set", f"intermediate_size={active_width}", *args.train_args.split()]
     if args.mode == "moe-vs-dense":
         common += ["--minutes", str(args.minutes), "--dtype", args.dtype]
-        runs = {"moe": [], "dense": ["--set", "n_routed_experts=0"]}
+        runs = {"moe": [arg for item in args.moe_set for arg in ("--set", item)], "dense": ["--set", "n_routed_experts=0"]}
     else:
         common += ["--steps", str(args.steps), "--log-every", "1"]
         runs = {"bf16": ["--dtype", "bf16"], "fp32": ["--dtype", "fp32"]}

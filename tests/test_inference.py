@@ -179,6 +179,23 @@ def test_repetition_penalty_matches_transformers():
     assert torch.allclose(process_logits(logits.unsqueeze(1), s, seen.unsqueeze(1))[:, 0], ref)
 
 
+@pytest.mark.parametrize("penalty", [1e-40, 1e-7, 1e7, 1e300])
+def test_a_repetition_penalty_whose_penalised_logits_overflow_is_refused(penalty):
+    """1e-40 rounds to 0 in fp32, so positive seen logits became inf and speculative sampling's
+    probabilities NaN; 1e300 rounds to inf."""
+    from nanoseek.inference.sampling import SamplingError
+
+    with pytest.raises(SamplingError, match="repetition_penalty") as error:
+        SamplingParams(repetition_penalty=penalty)
+    assert error.value.param == "repetition_penalty"
+    for ok in (1e-6, 1e6):
+        s = SamplingBatch.from_params([SamplingParams(repetition_penalty=ok, temperature=1.0)])
+        from nanoseek.inference.sampling import probabilities
+
+        probs = probabilities(torch.tensor([[[30.0, -30.0, 1.0]]]), s, torch.ones(1, 1, 3, dtype=torch.bool))
+        assert torch.isfinite(probs).all()
+
+
 def test_sampler_draws_from_softmax():
     """Gumbel-max with the counter-based noise: frequencies match softmax(logits / T)."""
     V, n = 6, 20000

@@ -56,8 +56,10 @@ class SamplingParams:
             fail("top_p", "must be in (0, 1]")
         if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
             fail("min_p", "must be in [0, 1]")
-        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < float("inf"):
-            fail("repetition_penalty", "must be a finite number > 0 (1 means none)")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 1e-6 <= self.repetition_penalty <= 1e6:
+            # bounded so that the penalised fp32 logits stay finite: 1e-40 rounds to 0 in fp32 and
+            # divides positive logits into inf (NaN probabilities for speculative sampling)
+            fail("repetition_penalty", "must be a number in [1e-6, 1e6] (1 means none)")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed < INT64_LIMIT):
             fail("seed", "must be an integer in [0, 2**63) or None")

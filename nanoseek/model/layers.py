@@ -12,6 +12,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one fused pass, bitwise equal to the two steps below (which it is only in fp32)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalised in fp32 and cast back before the weight, as DeepSeek and transformers do
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * normed
