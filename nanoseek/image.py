@@ -51,7 +51,7 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_ENC
         text = os.fspath(source)
         if isinstance(text, str) and text.startswith("data:"):
             data, name = decode_data_url(text, max_bytes=max_bytes), "data URL"
-        elif len(text) < 4096 and Path(text).is_file():
+        elif len(text) < 4096 and is_file(text):
             name = text
             size = Path(text).stat().st_size
             if size > max_bytes:
@@ -66,6 +66,15 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_ENC
     if len(data) > max_bytes:
         raise ImageError(f"{name}: {len(data)} bytes is over the {max_bytes}-byte limit")
     return _decode(data, name, max_pixels)
+
+
+def is_file(path) -> bool:
+    """Whether path names a file; False, not an OSError, for text that cannot be a path (base64 of
+    a dark image has no '/' for over 255 characters, a file name too long for the file system)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def decode_data_url(url: str, *, max_bytes: int = MAX_ENCODED_BYTES) -> bytes:
@@ -124,7 +133,10 @@ def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
         image.load()  # the pixel decode, where truncated or corrupt files fail
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{name}: corrupt or truncated {image.format} image ({e})") from None
-    return ImageOps.exif_transpose(image)  # photos store their rotation in EXIF
+    try:
+        return ImageOps.exif_transpose(image)  # photos store their rotation in EXIF
+    except Exception:  # Pillow's EXIF parser raises SyntaxError, struct.error, KeyError, ...
+        return image  # a malformed EXIF block is metadata lost, not a bad image: keep it as stored
 
 
 def _unidentified(data: bytes, name: str) -> str:
@@ -156,7 +168,8 @@ def to_mode(image: Image.Image, vcfg: VisionConfig) -> Image.Image:
         lo, hi = float(pixels.min()), float(pixels.max())
         pixels = (pixels - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(pixels)
         image = Image.fromarray(pixels.round().astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    # a tRNS colour (L, RGB or P PNGs, GIFs) is transparency too: convert("RGBA") applies it
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         fill = background(vcfg) * (3 // vcfg.num_channels)  # transparent areas take the padding colour
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, fill + (255,)), rgba)
@@ -192,10 +205,13 @@ def preprocess(image, vcfg: VisionConfig) -> ImageInput:
 
 # ---- prompts with images ---------------------------------------------------------------------------
 def message_images(messages: list[dict]) -> list:
-    """The image sources of OpenAI-style messages, in order: `image_url` parts (data URLs, as the
-    chat completions API sends them) and `image` parts (a path, bytes or PIL image, for Python callers)."""
+    """The image sources of OpenAI-style messages, in prompt order: `image_url` parts (data URLs, as
+    the chat completions API sends them) and `image` parts (a path, bytes or PIL image, for Python callers).
+
+    The chat format renders every system message first, so their images come first too, whatever
+    the messages' order: each image must land on the run of its own <image> mark."""
     sources = []
-    for m in messages:
+    for m in sorted(messages, key=lambda m: not (isinstance(m, dict) and m.get("role") == "system")):  # stable
         content = m.get("content") if isinstance(m, dict) else None
         for part in content if isinstance(content, list) else []:
             kind = part.get("type") if isinstance(part, dict) else None
@@ -211,21 +227,26 @@ def message_images(messages: list[dict]) -> list:
 def chat_prompt(tokenizer, messages: list[dict], config, *, add_generation_prompt: bool = True) -> tuple[list[int], list[ImageInput]]:
     """Chat messages with image parts -> (prompt ids with each image's run of image_token_id, the images).
 
-    `config` is the model's ModelConfig; a model without a vision_config refuses images. The ids and
-    images go to `model.embed_multimodal` (or any engine that takes inputs_embeds for a prompt).
+    `config` is the model's ModelConfig; a model without a vision_config refuses images (and reads a
+    literal "<image>" in the text as an ordinary token). For a vision model every <image> mark must
+    have its image: a literal "<image>" typed into a text-only request is refused. The ids and images
+    go to `model.embed_multimodal` (or any engine that takes inputs_embeds for a prompt).
     """
     sources = message_images(messages)
     ids = tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
-    if not sources:
-        return ids, []
     if config.vision_config is None:
-        raise ImageError("this model has no vision encoder, so it does not take images")
-    if tokenizer.image_id is None or tokenizer.image_id != config.image_token_id:
+        if sources:
+            raise ImageError("this model has no vision encoder, so it does not take images")
+        return ids, []
+    if sources and (tokenizer.image_id is None or tokenizer.image_id != config.image_token_id):
         raise ImageError(f"the tokenizer's <image> id ({tokenizer.image_id}) is not the model's image_token_id "
                          f"({config.image_token_id})")
     marks = ids.count(config.image_token_id)
     if marks != len(sources):  # e.g. a literal "<image>" typed into the text
-        raise ImageError(f"the prompt holds {marks} <image> mark(s) but {len(sources)} image(s) were given")
+        raise ImageError(f"the prompt holds {marks} <image> mark(s) but {len(sources)} image(s) were given "
+                         "(a literal \"<image>\" in the text counts as a mark)")
+    if not sources:
+        return ids, []
     vcfg = VisionConfig.from_dict(config.vision_config)
     images = [preprocess(source, vcfg) for source in sources]
     return expand_image_tokens(ids, config.image_token_id, images, vcfg), images

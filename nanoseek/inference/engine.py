@@ -87,16 +87,24 @@ class RequestLimits:
         stop_ids = list(self.eos_token_ids) if stop_token_ids is None else list(stop_token_ids)
         if not all(isinstance(t, int) for t in stop_ids):
             raise ValueError(f"stop_token_ids must be integers, got {stop_ids!r}")
-        if images:
-            self.check_images(prompt, images)
+        self.check_images(prompt, images or [])
         return stop_ids
 
     def check_images(self, prompt: list[int], images: list) -> None:
-        """The prompt must hold exactly the image-token runs its images fill, and the model must see images."""
+        """The prompt must hold exactly the image-token runs its images fill, and the model must see images.
+
+        For a vision model this holds for text-only prompts too (none): a stray image_token_id would
+        fail the whole batch at prefill, not just its own request. A text model's prompts may hold
+        that id as any other token."""
         if self.vision is None:
-            raise ValueError("this model has no vision encoder (its config has no vision_config), so it takes no images")
+            if images:
+                raise ValueError("this model has no vision encoder (its config has no vision_config), so it takes no images")
+            return
         slots = sum(1 for t in prompt if t == self.image_token_id)
         needed = sum(image_token_count(self.vision, image.tiles) for image in images)
+        if slots and not images:
+            raise ValueError(f"the prompt holds {slots} image-token position(s) (id {self.image_token_id}) but no images; "
+                             "that id marks where an image goes (a literal \"<image>\" in the text is one)")
         if slots != needed:
             raise ValueError(f"the prompt holds {slots} image-token positions but its {len(images)} image(s) fill {needed}; "
                              "build it with nanoseek.image.chat_prompt")

@@ -13,7 +13,7 @@ with a byte-level BPE tokenizer trained on the data's text). Two stages, as Deep
 Only the reply tokens are learned. `--max-minutes` bounds the whole run, data preparation and
 validation included. The checkpoint written to --out is the one with the best validation accuracy
 (MedMNIST: generated answers on the val split), or the lowest validation loss for JSONL with
---val-data, or the last one.
+--val-data, or, without validation data, the last one.
 """
 
 from __future__ import annotations
@@ -232,9 +232,27 @@ def score(metrics: dict) -> tuple:
     return (-metrics.get("val_loss", 0.0),)
 
 
+def improves(metrics: dict, best_metrics: dict) -> bool:
+    """Whether an evaluation is kept over the best so far: it scores higher, or there is nothing to
+    validate on (no val_* metrics), when every evaluation is kept and so the last one is saved."""
+    if not best_metrics or not any(k.startswith("val_") for k in metrics):
+        return True
+    return score(metrics) > score(best_metrics)
+
+
 def batches(train: list[Example], weights, tok: Tokenizer, vcfg: VisionConfig, args, generator, rng,
             device: torch.device) -> Iterator:
     """Endless training batches, epoch after epoch (each epoch reshuffled or redrawn by class weights)."""
+    # only full batches are made, so fewer examples than a batch would loop forever making none
+    if args.batch_size < 1:
+        raise VLMDataError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.batch_size > len(train):
+        raise VLMDataError(f"--batch-size {args.batch_size} is more than the {len(train)} training examples; "
+                           "lower --batch-size or add data")
+    return _batch_stream(train, weights, tok, vcfg, args, generator, rng, device)
+
+
+def _batch_stream(train, weights, tok, vcfg, args, generator, rng, device) -> Iterator:
     while True:
         order = epoch_order(len(train), weights, generator)
         for i in range(0, len(order) - args.batch_size + 1, args.batch_size):  # full batches only
@@ -291,7 +309,7 @@ def run_training(args) -> dict:
                        "minutes": (time.perf_counter() - start) / 60}
             losses = []
             info["history"].append(metrics)
-            improved = best is None or score(metrics) > score(best_metrics)
+            improved = improves(metrics, best_metrics)
             shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
             print(shown + ("  *" if improved else ""), flush=True)
             # a projector-only model is never kept over one that has also trained the rest

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from ..data import jsonl_lines
-from ..image import ImageError, load_image, preprocess
+from ..image import ImageError, is_file, load_image, preprocess, to_mode
 from ..model.vision import ImageInput, VisionConfig, image_token_count
 from ..tokenizer import IMAGE, Tokenizer
 
@@ -105,6 +105,8 @@ def load_medmnist(path: str | os.PathLike, split: str) -> tuple[np.ndarray, np.n
         data = np.load(path)
     except (OSError, ValueError) as e:
         raise VLMDataError(f"{path}: not a readable .npz ({e})") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy holds one array, not the splits
+        raise VLMDataError(f"{path}: a single array, not a .npz archive of {{train,val,test}}_{{images,labels}} arrays")
     for key in (f"{split}_images", f"{split}_labels"):
         if key not in data.files:
             raise VLMDataError(f"{path}: no '{key}' array (a MedMNIST file holds {{train,val,test}}_{{images,labels}})")
@@ -116,9 +118,12 @@ def load_medmnist(path: str | os.PathLike, split: str) -> tuple[np.ndarray, np.n
     labels = labels.reshape(-1).astype(np.int64)
     if len(labels) != len(images):
         raise VLMDataError(f"{path}: {len(images)} {split} images but {len(labels)} labels")
+    if len(labels) == 0:
+        raise VLMDataError(f"{path}: the {split} split is empty")
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
-    num_classes = max(int(data[f"{s}_labels"].max()) + 1 for s in SPLITS if f"{s}_labels" in data.files)
+    # the class count is read over every split, empty ones aside, so all splits name classes alike
+    num_classes = max(int(data[key].max()) + 1 for s in SPLITS if (key := f"{s}_labels") in data.files and data[key].size)
     return images, labels, medmnist_task(path, num_classes)
 
 
@@ -154,7 +159,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
         image, messages = record["image"], record["messages"]
         if not isinstance(image, str) or not image:
             raise VLMDataError(f"{where}: 'image' must be a path, base64 text or a data URL")
-        if not image.startswith("data:") and len(image) < 4096 and not os.path.isabs(image) and (path.parent / image).exists():
+        if not image.startswith("data:") and len(image) < 4096 and not os.path.isabs(image) and is_file(path.parent / image):
             image = str(path.parent / image)
         if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
             raise VLMDataError(f"{where}: 'messages' must be a list with at least one assistant reply to learn")
@@ -209,7 +214,9 @@ def load_views(example: Example, vcfg: VisionConfig, rng: np.random.Generator | 
         image = load_image(example.image)
     except ImageError as e:
         raise VLMDataError(f"example image: {e}") from e
-    return preprocess(augment(image, rng) if rng is not None else image, vcfg)
+    if rng is not None:  # in the tower's mode first: ImageEnhance refuses palette, 16-bit and 1-bit images
+        image = augment(to_mode(image, vcfg), rng)
+    return preprocess(image, vcfg)
 
 
 @dataclass
