@@ -23,6 +23,7 @@ import torch
 
 import nanoseek
 from nanoseek.inference import LatentCache
+from nanoseek.runtime import tune_allocator
 
 
 def parse_args():
@@ -82,6 +83,7 @@ def decode_rate(run, batch: int, n: int, repeats: int):
 
 def main() -> int:
     args = parse_args()
+    tune_allocator()  # as the nanoseek command does; every contender shares this process
     torch.set_num_threads(args.threads)
     tmp = None
     if args.checkpoint:
@@ -100,7 +102,8 @@ def main() -> int:
     N, R = args.new_tokens, args.repeats
     print(f"# decode benchmark: {checkpoint if args.checkpoint else args.preset + ' preset, random weights'}; "
           f"prompt {args.prompt_len} tokens, {N} new tokens, greedy, "
-          + (f"{args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)) + ", fp32")
+          + (f"{args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device))
+          + (", fp32 and nanoseek in bf16" if args.bf16 else ", fp32"))
     print(f"# torch {torch.__version__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
     rows, reference, outputs = [], {}, {}

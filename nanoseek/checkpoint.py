@@ -98,7 +98,9 @@ def _weight_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{index}: not UTF-8 text ({e})") from e
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
         if not isinstance(weight_map, dict):
@@ -154,10 +156,15 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     if not config_path.exists():
         raise CheckpointError(f"{path} has no {CONFIG_NAME}")
     try:
-        raw_config = json.loads(config_path.read_text())
+        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{config_path}: not UTF-8 text ({e})") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"{config_path}: not valid JSON ({e})") from e
-    config = ModelConfig.from_dict(raw_config)
+    try:
+        config = ModelConfig.from_dict(raw_config)
+    except ConfigError as e:  # the field alone does not say which of the user's files holds it
+        raise ConfigError(f"{config_path}: {e}") from e
     config = _match_mtp_depth(config, path)
     dtype = dtype or _checkpoint_dtype(raw_config)
     model = build_model(config, dtype=dtype, device=device, init=False)

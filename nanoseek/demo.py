@@ -4,6 +4,7 @@ A smoke test of the whole model path that needs no data and no checkpoint.
 """
 
 import argparse
+import sys
 import time
 
 import torch
@@ -11,26 +12,38 @@ import torch
 from .config import PRESETS, get_preset
 from .model.params import format_counts
 from .model.transformer import build_model
+from .runtime import DeviceError, pick_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     small = sorted(name for name in PRESETS if not name.startswith("deepseek"))
     parser.add_argument("--preset", default="tiny", choices=small)
-    parser.add_argument("--tokens", type=int, default=16, help="how many tokens to continue")
+    parser.add_argument("--tokens", type=int, default=16, help="how many tokens to continue (at least 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
 
 
 def run(args) -> int:
+    if args.tokens < 1:  # nothing to time: a negative count printed a negative speed
+        print(f"nanoseek demo: --tokens must be at least 1, got {args.tokens}", file=sys.stderr)
+        return 2
+    try:
+        device = pick_device(args.device)
+    except DeviceError as e:
+        print(f"nanoseek demo: {e}", file=sys.stderr)
+        return 2
     config = get_preset(args.preset)
     print(format_counts(args.preset, config))
-    model = build_model(config, seed=args.seed).eval()
+    # built and drawn on the CPU: the same weights and prompt on any device
+    model = build_model(config, seed=args.seed).to(device).eval()
     generator = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, config.vocab_size, (1, 8), generator=generator)
+    ids = torch.randint(0, config.vocab_size, (1, 8), generator=generator).to(device)
     start = time.perf_counter()
     with torch.no_grad():
         for _ in range(args.tokens):
             next_id = model(ids)[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_id], dim=1)
+    ids = ids.cpu()  # waits for the device, so the time below is the work's
     elapsed = time.perf_counter() - start
     print(f"prompt ids {ids[0, :8].tolist()}")
     print(f"greedy continuation {ids[0, 8:].tolist()} ({args.tokens / elapsed:.0f} tokens/s, no cache)")

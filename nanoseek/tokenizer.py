@@ -143,7 +143,9 @@ class Tokenizer:
         config_file = folder / "tokenizer_config.json"
         if config_file.exists():
             try:
-                config = json.loads(config_file.read_text())
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"{config_file}: not UTF-8 text ({e})") from e
             except json.JSONDecodeError as e:
                 raise TokenizerError(f"{config_file}: not valid JSON ({e})") from e
         return cls(backend, config)
@@ -189,7 +191,11 @@ class Tokenizer:
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         """Special-token strings in text become their ids; bos/eos add those tokens around it."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _check_unicode([text])
+            raise
         for wanted, token, token_id in ((bos, self.bos_token, self.bos_id), (eos, self.eos_token, self.eos_id)):
             if wanted and token_id is None:  # a None in the ids would fail far from here
                 raise TokenizerError(f"this tokenizer has no {token} token in its vocabulary")
@@ -197,7 +203,12 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many texts at once, in parallel on the Rust side."""
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        try:
+            encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        except TypeError:
+            _check_unicode(texts)
+            raise
+        return [e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -266,6 +277,18 @@ class Tokenizer:
         raise TokenizerError(f"message {index}: 'content' must be a string or a list of parts, got {type(content).__name__}")
 
 
+def _check_unicode(texts: Iterable) -> None:
+    """A TokenizerError for a text the Rust side cannot take: a str with lone surrogates, which is
+    what Python makes (surrogateescape) of input bytes that are not UTF-8, such as a piped prompt."""
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise TokenizerError(f"the text is not valid Unicode: it holds {text[e.start:e.end]!r} "
+                                     "(bytes that are not UTF-8?)") from None
+
+
 # ---- corpus reading, shared with nanoseek.data ---------------------------------------------------
 def sample_texts(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
     """The first max_bytes (UTF-8) of a stream of documents: BPE merges settle long before tens of MB."""
@@ -294,6 +317,10 @@ def run(args) -> int:
     except (DataError, TokenizerError) as e:  # bad input: a message, not a traceback
         print(f"nanoseek tokenizer: error: {e}", file=sys.stderr)
         return 2
-    tok.save(args.out)
+    try:
+        tok.save(args.out)
+    except OSError as e:  # an --out that cannot be written: the user's path, not a traceback
+        print(f"nanoseek tokenizer: error: cannot write to {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"tokenizer: {tok.vocab_size} tokens, trained in {time.perf_counter() - start:.1f}s, saved to {args.out}")
     return 0

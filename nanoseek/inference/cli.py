@@ -54,13 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const="aot", choices=["aot", "dynamo"], default=False,
                         help="compile the decode step: ahead of time (default) or with torch.compile")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="load the weights in this dtype")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     parser.add_argument("--stats", action="store_true", help="print speed and speculation figures to stderr")
 
 
 def run(args) -> int:
     from ..checkpoint import CheckpointError, load
+    from ..config import ConfigError
     from ..runtime import DeviceError, pick_device
     from ..tokenizer import Tokenizer, TokenizerError
     from .generate import engine_and_requests
@@ -69,34 +70,45 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         print(f"nanoseek generate: --max-new-tokens must be at least 1, got {args.max_new_tokens}", file=sys.stderr)
         return 2
+    if args.threads < 0:  # torch.set_num_threads raises on it with a bare RuntimeError
+        print(f"nanoseek generate: --threads must be at least 0 (0: torch's default), got {args.threads}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         model = load(args.checkpoint, dtype=DTYPES[args.dtype] if args.dtype else None, device=pick_device(args.device)).eval()
         tokenizer = Tokenizer.load(args.tokenizer or args.checkpoint)
-    except (CheckpointError, DeviceError, TokenizerError, OSError) as e:
+    except (CheckpointError, ConfigError, DeviceError, TokenizerError, OSError) as e:
         print(f"nanoseek generate: {e}", file=sys.stderr)
         return 2
     # `echo` ends its line with a newline the prompt did not mean to hold
-    texts = args.prompt if args.prompt else [sys.stdin.read().removesuffix("\n")]
+    try:
+        texts = args.prompt if args.prompt else [sys.stdin.read().removesuffix("\n")]
+    except UnicodeDecodeError as e:  # a stdin decoding strictly; with surrogateescape the tokenizer says it
+        print(f"nanoseek generate: the prompt on stdin is not text in its encoding ({e})", file=sys.stderr)
+        return 2
     prompts, images = [], []
     system = [{"role": "system", "content": args.system}] if args.system else []
-    for text in texts:
-        if args.image:  # a user turn holding the images, then the text
-            from ..image import ImageError, chat_prompt
+    try:
+        for text in texts:
+            if args.image:  # a user turn holding the images, then the text
+                from ..image import ImageError, chat_prompt
 
-            content = [{"type": "image", "image": path} for path in args.image] + [{"type": "text", "text": text}]
-            try:
-                ids, row = chat_prompt(tokenizer, system + [{"role": "user", "content": content}], model.config)
-            except ImageError as e:
-                print(f"nanoseek generate: {e}", file=sys.stderr)
-                return 2
-            prompts.append(ids)
-            images.append(row)
-        elif args.chat:
-            prompts.append(tokenizer.encode_chat(system + [{"role": "user", "content": text}]))
-        else:
-            prompts.append(tokenizer.encode(text, bos=not args.no_bos and tokenizer.bos_id is not None))
+                content = [{"type": "image", "image": path} for path in args.image] + [{"type": "text", "text": text}]
+                try:
+                    ids, row = chat_prompt(tokenizer, system + [{"role": "user", "content": content}], model.config)
+                except ImageError as e:
+                    print(f"nanoseek generate: {e}", file=sys.stderr)
+                    return 2
+                prompts.append(ids)
+                images.append(row)
+            elif args.chat:
+                prompts.append(tokenizer.encode_chat(system + [{"role": "user", "content": text}]))
+            else:
+                prompts.append(tokenizer.encode(text, bos=not args.no_bos and tokenizer.bos_id is not None))
+    except TokenizerError as e:  # a prompt that is not UTF-8, for one
+        print(f"nanoseek generate: {e}", file=sys.stderr)
+        return 2
     stop_ids = [] if args.ignore_eos else sorted({*model.config.eos_token_ids, *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])})
     try:
         stop = [unescape(s) for s in args.stop]

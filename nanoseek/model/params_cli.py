@@ -1,22 +1,27 @@
 """`nanoseek params <preset or path>`: total and activated parameters, split by part."""
 
 import argparse
+import sys
 from pathlib import Path
 
-from ..config import PRESETS, ModelConfig, get_preset
+from ..config import PRESETS, ConfigError, ModelConfig, get_preset
 from .params import format_counts
 
 
 def resolve_config(spec: str) -> ModelConfig:
-    """A preset name, a checkpoint folder, or a config.json file."""
+    """A preset name, a checkpoint folder, or a config.json file; ConfigError naming the file if none."""
     if spec in PRESETS:
         return get_preset(spec)
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
     if not path.exists():
-        raise SystemExit(f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json or folder")
-    return ModelConfig.from_json(path)
+        raise ConfigError(f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json or folder")
+    try:
+        return ModelConfig.from_json(path)
+    except ConfigError as e:
+        # from_json names the file when it cannot read it, but from_dict names only the field
+        raise ConfigError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,5 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    print(format_counts(args.model, resolve_config(args.model)))
+    try:
+        config = resolve_config(args.model)
+    except ConfigError as e:
+        print(f"nanoseek params: {e}", file=sys.stderr)
+        return 2
+    print(format_counts(args.model, config))
     return 0

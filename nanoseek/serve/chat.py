@@ -43,6 +43,9 @@ def run(args) -> int:
     if args.max_tokens < 1:  # before loading the model, not at the first message
         print(f"nanoseek chat: --max-tokens must be at least 1, got {args.max_tokens}", file=sys.stderr)
         return 2
+    if args.max_seq_len is not None and args.max_seq_len < 2:  # 0 would quietly mean the model's
+        print(f"nanoseek chat: --max-seq-len must be at least 2, got {args.max_seq_len}", file=sys.stderr)
+        return 2
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)  # before the load too
         generator = load_generator(args.model, dtype=args.dtype, max_batch_size=1, max_seq_len=args.max_seq_len,
@@ -64,6 +67,9 @@ def run(args) -> int:
         except KeyboardInterrupt:
             print()
             continue
+        except UnicodeDecodeError as e:  # a strictly decoding terminal; the conversation goes on
+            print(f"(that line is not text in the terminal's encoding: {e})", flush=True)
+            continue
         if line == "/exit":
             return 0
         if line == "/reset":
@@ -76,7 +82,12 @@ def run(args) -> int:
         if not line:
             continue
         messages.append({"role": "user", "content": line})
-        prompt = tokenizer.encode_chat(messages)
+        try:
+            prompt = tokenizer.encode_chat(messages)
+        except TokenizerError as e:  # bytes that are not UTF-8 reach us as lone surrogates
+            messages.pop()
+            print(f"({e}; the message was not sent)", flush=True)
+            continue
         room = context - len(prompt)
         if room < 1:
             messages.pop()

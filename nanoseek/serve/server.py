@@ -451,10 +451,28 @@ _ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/
 
 
 # ---- command line ---------------------------------------------------------------------------------
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def flag_error(args) -> str | None:
+    """The first flag value the server cannot run with, found before the model loads (minutes, for a big one)."""
+    if not 0 <= args.port <= 65535:  # uvicorn would bind the port modulo 65536, or fail after the load
+        return f"--port must be between 0 and 65535, got {args.port}"
+    # a limit of 0 would refuse every request (--max-queue, --max-body-bytes) or quietly mean the default
+    for flag, least in (("max_batch_size", 1), ("max_queue", 1), ("max_body_bytes", 1), ("max_seq_len", 2),
+                        ("max_cached_tokens", 2), ("default_max_tokens", 1), ("speculative", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            return f"--{flag.replace('_', '-')} must be at least {least}, got {value}"
+    if args.stream_interval < 0:
+        return f"--stream-interval must be 0 or more seconds, got {args.stream_interval}"
+    return None
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (config.json, weights, tokenizer.json)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0 to 65535)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--model-name", default=None, help="the id clients use (default: the folder's name)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (cache slots)")
@@ -481,7 +499,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="run the engine in the server's process (default: a process of its own, so that "
                              "HTTP work and decode steps run at the same time)")
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn's log level")
 
 
 def run(args) -> int:
@@ -490,8 +508,9 @@ def run(args) -> int:
     from ..checkpoint import CheckpointError
     from ..tokenizer import TokenizerError
 
-    if args.stream_interval < 0:
-        print(f"nanoseek serve: --stream-interval must be 0 or more seconds, got {args.stream_interval}", file=sys.stderr)
+    error = flag_error(args)
+    if error:
+        print(f"nanoseek serve: {error}", file=sys.stderr)
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)

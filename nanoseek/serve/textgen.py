@@ -86,6 +86,10 @@ def load_generator(path, *, dtype: str | None = None, max_batch_size: int = 8, m
     from .. import checkpoint
     from ..runtime import pick_device
 
+    # before the load; 0 must not quietly mean the default, as `max_seq_len or ...` below would make it
+    for name, value in (("max_seq_len", max_seq_len), ("max_cached_tokens", max_cached_tokens)):
+        if value is not None and value < 2:
+            raise ValueError(f"{name} must be at least 2 (a prompt token and a reply token), got {value}")
     model = checkpoint.load(path, dtype=getattr(torch, dtype) if dtype else None, device=pick_device(device)).eval()
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > model.config.vocab_size:

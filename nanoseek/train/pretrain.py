@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=None, help="prompt to complete at the end (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature of the completions (0: greedy)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     parser.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly (its settings are used)")
     # defaults: the main job, ~10 minutes in all on 2 cores (data preparation and completions included)
@@ -240,6 +240,8 @@ def run(args) -> int:
 
 def _run(args) -> int:
     torch.manual_seed(0)
+    if args.threads < 0:  # torch.set_num_threads raises on it with a bare RuntimeError
+        raise ConfigError(f"--threads must be at least 0 (0: torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="chat JSONL: {\"messages\": [{\"role\", \"content\"}, ...]} per line")
     parser.add_argument("--out", default="runs/sft")
     parser.add_argument("--val-fraction", type=float, default=0.05)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     parser.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
     add_settings_arguments(parser, Settings(lr=3e-4, warmup_steps=20, seq_len=512, eval_every=50, log_every=5),
@@ -159,6 +159,8 @@ def encode_split(tok: Tokenizer, data, train_conv: list, val_conv: list, seq_len
 
 def _run(args) -> int:
     torch.manual_seed(0)
+    if args.threads < 0:  # torch.set_num_threads raises on it with a bare RuntimeError
+        raise ConfigError(f"--threads must be at least 0 (0: torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

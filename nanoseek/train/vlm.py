@@ -265,6 +265,8 @@ def run_training(args) -> dict:
     deadline = start + 60 * args.max_minutes
     if args.val_views < 1:
         raise VLMDataError(f"--val-views must be at least 1, got {args.val_views}")
+    if args.threads < 0:  # torch.set_num_threads raises on it with a bare RuntimeError
+        raise VLMDataError(f"--threads must be at least 0 (0: torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
