@@ -15,7 +15,6 @@ import torch
 import nanoseek
 from nanoseek.checkpoint import CheckpointError
 from nanoseek.cli import main
-from nanoseek.config import ConfigError
 from nanoseek.serve.textgen import load_generator
 from nanoseek.tokenizer import Tokenizer, TokenizerError
 
