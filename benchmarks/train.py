@@ -89,7 +89,8 @@ def main():
             settings = Settings(batch_size=args.batch, seq_len=args.seq, steps=10**6, mtp_depth=0, balance_alpha=0.0,
                                 dtype=dtype_name, lr=1e-4)
             trainer = Trainer(ours, settings, None, RandomTokens(config.vocab_size, args.batch, args.seq), [], folder)
-            hf_optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+            # fused, as transformers' Trainer defaults to ("adamw_torch_fused") and as nanoseek's trainer uses
+            hf_optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
             hf_loader = RandomTokens(config.vocab_size, args.batch, args.seq)
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name == "bf16")
             steps = {"nanoseek": trainer.train_step, "transformers": lambda: hf_step(hf, hf_optimizer, hf_loader, autocast)}

@@ -11,7 +11,7 @@ from nanoseek.model.moe import MoE
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import balance
 from nanoseek.train.metrics import forward_flops_per_token
-from nanoseek.train.optim import lr_at, param_groups
+from nanoseek.train.optim import build_optimizer, lr_at, param_groups
 from nanoseek.train.loss import IGNORE
 from nanoseek.train.trainer import Settings, Trainer, unpadded
 
@@ -276,3 +276,23 @@ def test_only_a_trailing_run_of_the_pad_token_is_padding():
     real = unpadded(inputs, eos)
     assert real.tolist() == [[True, True, True, True, False, False, False], [True] * 7, [False] * 7]
     assert unpadded(inputs[1:2], eos) is None  # no row ends in padding: nothing to mask
+
+
+def test_the_optimizer_is_fused_adamw_with_deepseeks_settings_and_matches_the_foreach_form():
+    """The fused kernel is 5x faster on the CPU; it must make the same update as the foreach form."""
+    model = nanoseek.build_model(nanoseek.get_preset("test"), seed=0)
+    reference = nanoseek.build_model(nanoseek.get_preset("test"), seed=0)
+    optimizer = build_optimizer(model, lr=1e-3)
+    assert optimizer.defaults["fused"] and optimizer.defaults["betas"] == (0.9, 0.95)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    foreach = torch.optim.AdamW(param_groups(reference, 0.1), lr=1e-3, betas=(0.9, 0.95), foreach=True)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for a, b in zip(model.parameters(), reference.parameters()):
+            a.grad = torch.randn(a.shape, generator=generator) * 1e-2
+            b.grad = a.grad.clone()
+        optimizer.step()
+        foreach.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert any((a != b).any() for a, b in zip(model.parameters(), nanoseek.build_model(nanoseek.get_preset("test"), seed=0).parameters()))
