@@ -59,6 +59,10 @@ def main():
     if args.corpus != "stdlib" and not Path(args.corpus).exists():  # stdlib: Python's own sources, as the main job
         sys.exit(f"corpus {args.corpus} not found")
     config = nanoseek.get_preset(args.preset)
+    if args.moe_set and args.mode != "moe-vs-dense":
+        sys.exit("--moe-set changes the MoE of --mode moe-vs-dense only")
+    if any("=" not in item for item in args.moe_set):
+        sys.exit(f"--moe-set takes FIELD=VALUE, got {args.moe_set}")
     moe_changes = dict(item.partition("=")[::2] for item in args.moe_set)
     config = config.replace(**{key: parse_set_value(value) for key, value in moe_changes.items()})
     config.validate()

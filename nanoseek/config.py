@@ -362,7 +362,10 @@ class ModelConfig:
             raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
         except OSError as e:  # missing, a folder, unreadable: the user's path, not a traceback
             raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
-        return cls.from_dict(raw)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:  # the field alone does not say which of the user's files holds it
+            raise ConfigError(f"{path}: {e}") from e
 
     def to_json(self, path: str | os.PathLike) -> None:
         self.warn_transformers_mismatches()

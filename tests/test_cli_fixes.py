@@ -250,3 +250,20 @@ def test_readme_states_the_forward_bound_as_the_benchmark_computes_it():
     forward = (ROOT / "benchmarks" / "forward.py").read_text()
     assert 'counts["activated"] - counts["parts"]["embeddings"]' in forward
     assert "bound = 2 x activated matmul parameters (the activated parameters less the input embedding" in readme
+
+
+def test_serve_log_level_takes_any_case_as_uvicorn_does(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "missing"), "--log-level", "INFO"]) == 2  # past the flags
+    assert "invalid choice" not in capsys.readouterr().err
+
+
+def test_a_config_json_with_a_bad_field_is_named_with_its_path(tmp_path):
+    """from_json names the file for every error, field errors included (train --config, params)."""
+    from nanoseek.config import ConfigError, ModelConfig
+
+    raw = nanoseek.get_preset("test").to_dict()
+    raw["scoring_func"] = "config.json"  # a value that holds the file's name must not hide the path
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=f"^{path}: config field 'scoring_func'"):
+        ModelConfig.from_json(path)

@@ -196,8 +196,9 @@ def test_augmentation_takes_palette_16_bit_and_1_bit_images():
         assert views.shape == (1, 3, 8, 8) and torch.isfinite(views).all()
 
 
-def test_a_trns_colour_is_transparent_in_every_mode():
-    """A tRNS colour marks transparent pixels as an alpha channel does: they take the padding colour."""
+def test_a_trns_colour_is_transparent_in_l_p_and_rgb_images():
+    """A tRNS colour in an L, P or RGB image marks transparent pixels as an alpha channel does: they take
+    the padding colour. (A 16-bit image loses its tRNS colour in the stretch to 8 bits: not handled.)"""
     gray = np.zeros((8, 8), np.uint8)
     gray[:, 4:] = 200  # the left half is black, the transparent colour
     alpha = np.where(gray == 0, 0, 255).astype(np.uint8)
@@ -221,3 +222,13 @@ def test_medmnist_loader_refuses_npy_files_and_empty_splits(tmp_path):
         load_medmnist(tmp_path / "empty_val.npz", "val")
     images, labels, task = load_medmnist(tmp_path / "empty_val.npz", "test")  # the empty split is not asked for
     assert images.shape == (2, 8, 8) and len(task.class_names) == 3
+
+
+def test_chat_with_a_vision_model_skips_a_literal_image_mark_and_goes_on(tiny_vlm, tmp_path, capsys, monkeypatch):
+    """The submit-time check refuses a stray <image>; the terminal chat used to end with a traceback."""
+    model, tok = tiny_vlm
+    nanoseek.save(model, tmp_path / "vlm", extra_files=tok.files())
+    monkeypatch.setattr("sys.stdin", io.StringIO("what is <image> in html\nwhat\n/exit\n"))
+    assert main(["chat", "--model", str(tmp_path / "vlm"), "--max-tokens", "2", "--temperature", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "but no images" in out and "the message was not sent" in out and out.count("tokens in,") == 1

@@ -17,11 +17,7 @@ def resolve_config(spec: str) -> ModelConfig:
         path = path / "config.json"
     if not path.exists():
         raise ConfigError(f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json or folder")
-    try:
-        return ModelConfig.from_json(path)
-    except ConfigError as e:
-        # from_json names the file when it cannot read it, but from_dict names only the field
-        raise ConfigError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
+    return ModelConfig.from_json(path)  # its errors name the file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -93,7 +93,12 @@ def run(args) -> int:
             messages.pop()
             print(f"(the conversation is {len(prompt)} tokens, beyond the {context}-token context: /reset)", flush=True)
             continue
-        reply = stream_reply(generator, prompt, params, min(args.max_tokens, room))
+        try:
+            reply = stream_reply(generator, prompt, params, min(args.max_tokens, room))
+        except ValueError as e:  # refused at submit, e.g. a literal "<image>" typed to a vision model
+            messages.pop()
+            print(f"({e}; the message was not sent)", flush=True)
+            continue
         messages.append({"role": "assistant", "content": reply})
 
 

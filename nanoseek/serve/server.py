@@ -499,7 +499,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="run the engine in the server's process (default: a process of its own, so that "
                              "HTTP work and decode steps run at the same time)")
-    parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="uvicorn's log level")
+    # lowered as uvicorn itself does, so INFO keeps working
+    parser.add_argument("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS, help="uvicorn's log level")
 
 
 def run(args) -> int:
