@@ -13,7 +13,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # one fused pass, bitwise equal to the two steps below (which it is only in fp32)
+            # one fused pass; on the CPU bitwise equal to the two steps below, which round to x.dtype
+            # in between and so differ in bf16
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalised in fp32 and cast back before the weight, as DeepSeek and transformers do
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
