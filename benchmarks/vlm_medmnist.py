@@ -28,6 +28,10 @@ BASELINES = {"breastmnist": (0.863, "ResNet-18 (28)"), "pneumoniamnist": (0.946,
              "organsmnist": (0.785, "ResNet-18 (224)")}
 
 
+# this interpreter's nanoseek, whether or not its virtual environment is on PATH
+NANOSEEK = [sys.executable, "-m", "nanoseek.cli"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="after --: more train-vlm flags")
     parser.add_argument("data", nargs="+", help="MedMNIST 2D .npz files")
@@ -42,19 +46,20 @@ def main() -> int:
     for data in args.data:
         name = Path(data).name.split(".")[0]
         out = Path(args.runs) / f"vlm-{name}"
-        train = ["nanoseek", "train-vlm", "--data", data, "--out", str(out), "--max-minutes", str(args.max_minutes), *extra]
-        evaluate = ["nanoseek", "eval-vlm", "--model", str(out), "--data", data, "--split", "test", "--views", "16"]
-        print("$ " + " ".join(train), flush=True)
+        train = ["train-vlm", "--data", data, "--out", str(out), "--max-minutes", str(args.max_minutes), *extra]
+        evaluate = ["eval-vlm", "--model", str(out), "--data", data, "--split", "test", "--views", "16"]
+        print("$ nanoseek " + " ".join(train), flush=True)
         start = time.perf_counter()
-        subprocess.run(train, check=True)
+        subprocess.run(NANOSEEK + train, check=True)
         minutes = (time.perf_counter() - start) / 60
-        print("$ " + " ".join(evaluate), flush=True)
-        text = subprocess.run(evaluate, check=True, capture_output=True, text=True).stdout
+        print("$ nanoseek " + " ".join(evaluate), flush=True)
+        text = subprocess.run(NANOSEEK + evaluate, check=True, capture_output=True, text=True).stdout
         print(text, end="")
         with_views = float(re.search(r"^accuracy: ([\d.]+)$", text, re.M).group(1))
         auc = float(re.search(r"^auc: ([\d.]+)$", text, re.M).group(1))
         one_view = float(re.search(r"^accuracy with 1 view: ([\d.]+)$", text, re.M).group(1))
-        key = max((k for k in BASELINES if name.startswith(k)), key=len, default=None)
+        # a copy whose splits differ from the official ones (a `_variant` file) has no comparable baseline
+        key = None if "variant" in name else max((k for k in BASELINES if name.startswith(k)), key=len, default=None)
         base, by = BASELINES.get(key, (float("nan"), "-"))
         rows.append(f"| {name} | {minutes:.1f} | {one_view:.3f} | {with_views:.3f} | {auc:.3f} | {base:.3f} ({by}) |")
     print("\n| subset | training wall minutes | test accuracy (generated answers) | with --views 16 | test AUC (16 views) "
