@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig, read_config_json
 from .data import apply_umask
 from .model.transformer import DeepSeekModel, build_model
 
@@ -155,17 +155,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     config_path = path / CONFIG_NAME
     if not config_path.exists():
         raise CheckpointError(f"{path} has no {CONFIG_NAME}")
-    try:
-        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{config_path}: not UTF-8 text ({e})") from e
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_path}: not valid JSON ({e})") from e
-    try:
-        config = ModelConfig.from_dict(raw_config)
-    except ConfigError as e:  # the field alone does not say which of the user's files holds it
-        raise ConfigError(f"{config_path}: {e}") from e
-    config = _match_mtp_depth(config, path)
+    raw_config = read_config_json(config_path)
+    config = _match_mtp_depth(ModelConfig.from_json(config_path, raw_config), path)
     dtype = dtype or _checkpoint_dtype(raw_config)
     model = build_model(config, dtype=dtype, device=device, init=False)
     load_weights(model, path)

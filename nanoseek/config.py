@@ -352,16 +352,10 @@ class ModelConfig:
                           stacklevel=3)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
-        except OSError as e:  # missing, a folder, unreadable: the user's path, not a traceback
-            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
+    def from_json(cls, path: str | os.PathLike, raw: Any = None) -> "ModelConfig":
+        """A config.json -> ModelConfig; every error names the file. raw: the file's contents when the
+        caller has read them already (with read_config_json), as checkpoint.load does for the dtype."""
+        raw = read_config_json(path) if raw is None else raw
         try:
             return cls.from_dict(raw)
         except ConfigError as e:  # the field alone does not say which of the user's files holds it
@@ -375,6 +369,19 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(copy.deepcopy(self), **changes)
+
+
+def read_config_json(path: str | os.PathLike) -> Any:
+    """The parsed contents of a config.json; ConfigError naming the file if it cannot be read or parsed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
+    except OSError as e:  # missing, a folder, unreadable: the user's path, not a traceback
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
 
 
 def _is_int(value) -> bool:

@@ -34,7 +34,18 @@ def tune_allocator() -> bool:
 
 
 class DeviceError(ValueError):
-    """A --device this machine cannot run on."""
+    """A --device (or --threads) this machine cannot run with."""
+
+
+def set_threads(threads: int) -> None:
+    """A --threads value: torch's CPU threads, 0 leaving torch's default; DeviceError below 0 (torch
+    itself raises a bare RuntimeError there)."""
+    import torch
+
+    if threads < 0:
+        raise DeviceError(f"--threads must be at least 0 (0: torch's default), got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def pick_device(name: str = "auto"):

@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..checkpoint import CheckpointError, load
     from ..config import ConfigError
-    from ..runtime import DeviceError, pick_device
+    from ..image import ImageError, chat_prompt
+    from ..runtime import DeviceError, pick_device, set_threads
     from ..tokenizer import Tokenizer, TokenizerError
     from .generate import engine_and_requests
     from .text import TextDecoder
@@ -70,12 +71,8 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         print(f"nanoseek generate: --max-new-tokens must be at least 1, got {args.max_new_tokens}", file=sys.stderr)
         return 2
-    if args.threads < 0:  # torch.set_num_threads raises on it with a bare RuntimeError
-        print(f"nanoseek generate: --threads must be at least 0 (0: torch's default), got {args.threads}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        set_threads(args.threads)
         model = load(args.checkpoint, dtype=DTYPES[args.dtype] if args.dtype else None, device=pick_device(args.device)).eval()
         tokenizer = Tokenizer.load(args.tokenizer or args.checkpoint)
     except (CheckpointError, ConfigError, DeviceError, TokenizerError, OSError) as e:
@@ -92,21 +89,15 @@ def run(args) -> int:
     try:
         for text in texts:
             if args.image:  # a user turn holding the images, then the text
-                from ..image import ImageError, chat_prompt
-
                 content = [{"type": "image", "image": path} for path in args.image] + [{"type": "text", "text": text}]
-                try:
-                    ids, row = chat_prompt(tokenizer, system + [{"role": "user", "content": content}], model.config)
-                except ImageError as e:
-                    print(f"nanoseek generate: {e}", file=sys.stderr)
-                    return 2
+                ids, row = chat_prompt(tokenizer, system + [{"role": "user", "content": content}], model.config)
                 prompts.append(ids)
                 images.append(row)
             elif args.chat:
                 prompts.append(tokenizer.encode_chat(system + [{"role": "user", "content": text}]))
             else:
                 prompts.append(tokenizer.encode(text, bos=not args.no_bos and tokenizer.bos_id is not None))
-    except TokenizerError as e:  # a prompt that is not UTF-8, for one
+    except (ImageError, TokenizerError) as e:  # a bad image, or a prompt that is not UTF-8
         print(f"nanoseek generate: {e}", file=sys.stderr)
         return 2
     stop_ids = [] if args.ignore_eos else sorted({*model.config.eos_token_ids, *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])})

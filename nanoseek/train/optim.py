@@ -29,10 +29,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, beta
     parameters' device has one, else the foreach form. On the CPU, `small` (12.2M parameters), one
     thread: 8-10 ms a step against 48 ms for foreach, whose per-tensor ops each stream every moment
     through memory again; results agree to ~1e-7 after 20 steps. Optimizer states load into either."""
-    groups = param_groups(model, weight_decay)
     try:
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
-    except RuntimeError:  # a device (or dtype) without the fused kernel
+        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=True)
+    except RuntimeError:  # a device (or dtype) without the fused kernel; fresh groups, not the half-built ones
         return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, foreach=True)
 
 

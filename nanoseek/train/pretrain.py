@@ -28,7 +28,7 @@ from ..model.transformer import build_model
 from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer, sample_texts
 from ..checkpoint import CheckpointError
 from .checkpoint import check_resumable_by, list_checkpoints, read_state, report_user_errors, resolve_resume
-from ..runtime import pick_device
+from ..runtime import pick_device, set_threads
 from .metrics import pick_dtype
 from .trainer import Settings, Trainer
 
@@ -240,10 +240,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     torch.manual_seed(0)
-    if args.threads < 0:  # torch.set_num_threads raises on it with a bare RuntimeError
-        raise ConfigError(f"--threads must be at least 0 (0: torch's default), got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = pick_device(args.device)
     resumed = args.resume is not None
     if resumed:

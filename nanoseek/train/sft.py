@@ -27,7 +27,7 @@ from ..checkpoint import load as load_model
 from ..tokenizer import Tokenizer, TokenizerError
 from .checkpoint import check_resumable_by, list_checkpoints, read_state, report_user_errors, resolve_resume
 from .pretrain import add_settings_arguments, settings_from_args
-from ..runtime import pick_device
+from ..runtime import pick_device, set_threads
 from .metrics import pick_dtype
 from .trainer import IGNORE, Settings, Trainer
 
@@ -159,10 +159,7 @@ def encode_split(tok: Tokenizer, data, train_conv: list, val_conv: list, seq_len
 
 def _run(args) -> int:
     torch.manual_seed(0)
-    if args.threads < 0:  # torch.set_num_threads raises on it with a bare RuntimeError
-        raise ConfigError(f"--threads must be at least 0 (0: torch's default), got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = pick_device(args.device)
     if args.resume:
         checkpoint = resolve_resume(args.resume)

@@ -32,7 +32,7 @@ from ..checkpoint import load, save
 from ..config import PRESETS, get_preset
 from ..model.transformer import DeepSeekModel, build_model
 from ..model.vision import VisionConfig, merge_image_embeds
-from ..runtime import pick_device
+from ..runtime import pick_device, set_threads
 from ..tokenizer import Tokenizer
 from .balance import moe_layers, routed_counts, token_mask, update_router_bias
 from .optim import build_optimizer, lr_at
@@ -265,10 +265,7 @@ def run_training(args) -> dict:
     deadline = start + 60 * args.max_minutes
     if args.val_views < 1:
         raise VLMDataError(f"--val-views must be at least 1, got {args.val_views}")
-    if args.threads < 0:  # torch.set_num_threads raises on it with a bare RuntimeError
-        raise VLMDataError(f"--threads must be at least 0 (0: torch's default), got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     train, val, task = load_data(args)
