@@ -18,25 +18,14 @@ from nanoseek.cli import main
 from nanoseek.image import ImageError, chat_prompt, load_image, message_images, preprocess
 from nanoseek.inference import Engine
 from nanoseek.model.vision import VisionConfig, image_token_count
-from nanoseek.tokenizer import Tokenizer
-from nanoseek.train import vlm
+from nanoseek.train import vlm as train_vlm
 from nanoseek.train.vlm_data import Example, VLMDataError, load_medmnist, load_views, read_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VISION = dict(image_size=16, patch_size=4, patch_overlap=2, hidden_size=32, intermediate_size=64,
-              num_hidden_layers=1, num_attention_heads=4, max_tiles=4)
 SMALL = VisionConfig(image_size=8, patch_size=4, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                      num_attention_heads=1, max_tiles=1)
 TINY = ["--image-size", "8", "--patch-size", "2", "--vision-width", "32", "--vision-layers", "1", "--vision-heads", "2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_vlm():
-    tok = Tokenizer.train(["What does this image show? A bright square on a dark ground."] * 8, vocab_size=300)
-    config = nanoseek.get_preset("test").replace(vocab_size=tok.vocab_size, vision_config=VISION,
-                                                 image_token_id=tok.image_id, eos_token_id=tok.eos_id)
-    return nanoseek.build_model(config, seed=0).eval(), tok
 
 
 def picture(h=16, w=16, seed=0):
@@ -74,8 +63,8 @@ def test_a_malformed_exif_block_is_ignored(fmt):
     assert loaded.size == (8, 6) and loaded.convert("RGB").getpixel((0, 0)) == (10, 20, 30)
 
 
-def test_a_stray_image_token_is_refused_alone_and_the_batch_runs_on(tiny_vlm):
-    model, tok = tiny_vlm
+def test_a_stray_image_token_is_refused_alone_and_the_batch_runs_on(vlm):
+    model, tok = vlm
     literal = [{"role": "user", "content": "what does the tag <image> mean in HTML?"}]
     with pytest.raises(ImageError, match="1 <image> mark"):
         chat_prompt(tok, literal, model.config)
@@ -99,13 +88,13 @@ def test_a_stray_image_token_is_refused_alone_and_the_batch_runs_on(tiny_vlm):
     assert request.finish_reason == "length"
 
 
-def test_server_refuses_bad_requests_with_4xx_and_serves_the_rest(tiny_vlm, tmp_path):
+def test_server_refuses_bad_requests_with_4xx_and_serves_the_rest(vlm, tmp_path):
     from fastapi.testclient import TestClient
 
     from nanoseek.serve.server import create_app
     from nanoseek.serve.textgen import load_generator
 
-    model, tok = tiny_vlm
+    model, tok = vlm
     nanoseek.save(model, tmp_path / "vlm", extra_files=tok.files())
     app = create_app(load_generator(tmp_path / "vlm", max_batch_size=2, max_seq_len=256), model_name="vlm",
                      accepts_images=True)
@@ -130,8 +119,8 @@ def test_server_refuses_bad_requests_with_4xx_and_serves_the_rest(tiny_vlm, tmp_
         assert reply.status_code == 200, reply.text
 
 
-def test_images_in_system_messages_come_first_as_the_prompt_renders_them(tiny_vlm):
-    model, tok = tiny_vlm
+def test_images_in_system_messages_come_first_as_the_prompt_renders_them(vlm):
+    model, tok = vlm
     a, b = picture(16, 16, seed=1), picture(16, 48, seed=2)  # b is tiled: a longer run than a's
     messages = [image_message(a, "Compare."), image_message(b, "Reference.", role="system")]
     assert tok.render_chat(messages).index("Reference.") < tok.render_chat(messages).index("Compare.")
@@ -159,18 +148,18 @@ def jsonl_data(tmp_path, n):
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    vlm.add_arguments(parser)
+    train_vlm.add_arguments(parser)
     return parser.parse_args(argv)
 
 
-def test_train_vlm_refuses_a_batch_larger_than_its_data(tiny_vlm, tmp_path, capsys):
-    model, tok = tiny_vlm
+def test_train_vlm_refuses_a_batch_larger_than_its_data(vlm, tmp_path, capsys):
+    model, tok = vlm
     train = [Example(picture(seed=i), [{"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "a"}])
              for i in range(3)]
     args = argparse.Namespace(batch_size=32, augment=False)
     vcfg = VisionConfig.from_dict(model.config.vision_config)
     with pytest.raises(VLMDataError, match="--batch-size 32 is more than the 3 training examples"):
-        vlm.batches(train, None, tok, vcfg, args, torch.Generator(), np.random.default_rng(0), torch.device("cpu"))
+        train_vlm.batches(train, None, tok, vcfg, args, torch.Generator(), np.random.default_rng(0), torch.device("cpu"))
     data = jsonl_data(tmp_path, 3)
     assert main(["train-vlm", "--data", str(data), "--out", str(tmp_path / "out"), "--batch-size", "4", *TINY]) == 2
     assert "--batch-size 4 is more than the 3 training examples" in capsys.readouterr().err
@@ -180,11 +169,11 @@ def test_without_validation_data_the_last_evaluation_is_kept(tmp_path):
     data = jsonl_data(tmp_path, 4)
     args = parse(["--data", str(data), "--out", str(tmp_path / "out"), "--projector-steps", "1", "--steps", "3",
                   "--eval-every", "1", "--batch-size", "2", "--vocab-size", "300", *TINY])
-    info = vlm.run_training(args)
+    info = train_vlm.run_training(args)
     assert [(h["stage"], h["step"]) for h in info["history"]] == [(1, 1), (2, 1), (2, 2), (2, 3)]
     assert (info["best"]["stage"], info["best"]["step"]) == (2, 3)
     # with validation metrics the best score still wins
-    assert not vlm.improves({"val_loss": 2.0}, {"val_loss": 1.0}) and vlm.improves({"val_loss": 1.0}, {"val_loss": 2.0})
+    assert not train_vlm.improves({"val_loss": 2.0}, {"val_loss": 1.0}) and train_vlm.improves({"val_loss": 1.0}, {"val_loss": 2.0})
 
 
 def test_augmentation_takes_palette_16_bit_and_1_bit_images():
@@ -224,9 +213,9 @@ def test_medmnist_loader_refuses_npy_files_and_empty_splits(tmp_path):
     assert images.shape == (2, 8, 8) and len(task.class_names) == 3
 
 
-def test_chat_with_a_vision_model_skips_a_literal_image_mark_and_goes_on(tiny_vlm, tmp_path, capsys, monkeypatch):
+def test_chat_with_a_vision_model_skips_a_literal_image_mark_and_goes_on(vlm, tmp_path, capsys, monkeypatch):
     """The submit-time check refuses a stray <image>; the terminal chat used to end with a traceback."""
-    model, tok = tiny_vlm
+    model, tok = vlm
     nanoseek.save(model, tmp_path / "vlm", extra_files=tok.files())
     monkeypatch.setattr("sys.stdin", io.StringIO("what is <image> in html\nwhat\n/exit\n"))
     assert main(["chat", "--model", str(tmp_path / "vlm"), "--max-tokens", "2", "--temperature", "0", "--device", "cpu"]) == 0

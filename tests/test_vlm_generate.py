@@ -12,18 +12,6 @@ import nanoseek
 from nanoseek.cli import main
 from nanoseek.image import chat_prompt
 from nanoseek.inference import Engine, generate
-from nanoseek.tokenizer import Tokenizer
-
-VISION = dict(image_size=16, patch_size=4, patch_overlap=2, hidden_size=32, intermediate_size=64,
-              num_hidden_layers=1, num_attention_heads=4, max_tiles=4)
-
-
-@pytest.fixture(scope="module")
-def vlm():
-    tok = Tokenizer.train(["What does this image show? A bright square on a dark ground."] * 8, vocab_size=300)
-    config = nanoseek.get_preset("test").replace(vocab_size=tok.vocab_size, vision_config=VISION,
-                                                 image_token_id=tok.image_id, eos_token_id=tok.eos_id)
-    return nanoseek.build_model(config, seed=0).eval(), tok
 
 
 def picture(h=16, w=16, seed=0):
