@@ -11,6 +11,7 @@ import torch
 
 import nanoseek
 from compile_checks import no_compile_fallback
+from torch._dynamo.utils import counters
 from hf_reference import YARN, make_hf_model
 from nanoseek.inference import Engine, SamplingParams
 from nanoseek.runtime import DeviceError, pick_device
@@ -91,10 +92,18 @@ def test_gpu_engine_joins_mid_flight_and_compiled_steps_agree():
     rest = [engine.submit(prompt, p, max_new_tokens=10, stop_token_ids=[]) for prompt, p in zip(PROMPTS[1:], params[1:])]
     engine.run_until_done()
     assert [r.result() for r in [first, *rest]] == expected
-    with no_compile_fallback():  # compile=True is torch.compile on a GPU (never the CPU-only AOT path)
+    counters["inductor"].clear()
+    with no_compile_fallback():  # compile=True is torch.compile with CUDA graphs on a GPU (never the CPU-only AOT)
         assert nanoseek.generate(model, PROMPTS, max_new_tokens=10, compile=True) == nanoseek.generate(
             model, PROMPTS, max_new_tokens=10)
-    with pytest.warns(UserWarning, match="CPU only"):
+        sampled = dict(temperature=0.8, top_p=0.9, seed=5, repetition_penalty=1.2)
+        assert nanoseek.generate(model, PROMPTS, max_new_tokens=10, compile=True, **sampled) == nanoseek.generate(
+            model, PROMPTS, max_new_tokens=10, **sampled)
+        assert nanoseek.generate(model, PROMPTS, max_new_tokens=10, compile=True, speculative=2) == nanoseek.generate(
+            model, PROMPTS, max_new_tokens=10)
+    # inductor gives up on CUDA graphs silently (a log line, then plain launches): that must not happen
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    with no_compile_fallback():  # "aot" (CPU-only ahead-of-time steps) is CUDA graphs too on a GPU
         assert nanoseek.generate(model, PROMPTS[:1], max_new_tokens=4, compile="aot") == nanoseek.generate(
             model, PROMPTS[:1], max_new_tokens=4)
 

@@ -209,7 +209,7 @@ class Engine:
         compile: compile the decode step: True or "aot" ahead of time (torch.export + AOTInductor, the
         fastest per step, one build per batch size rounded up to a power of two and per sampling mode), "dynamo" with torch.compile
         (dynamic shapes, fewer builds); a failed build falls back, with a warning, to torch.compile
-        and then to eager.
+        and then to eager. On a CUDA GPU any of them is torch.compile with CUDA graphs.
         """
         config = model.config
         if max_batch_size < 1:
