@@ -12,6 +12,7 @@ escapes \\n, \\t, \\r and \\\\, since a shell passes "\\n" as a backslash and an
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -115,15 +116,20 @@ def run(args) -> int:
 
     start = time.perf_counter()
     cpu_start = time.process_time()
-    if len(requests) == 1:  # stream the one continuation as it comes
-        while engine.has_work:
-            engine.step()
-            print(decoders[0].take(), end="", flush=True)
-        print(decoders[0].take(final=True))
-    else:
-        engine.run_until_done()
-        for i, decoder in enumerate(decoders):
-            print(f"--- {i}\n{decoder.take(final=True)}")
+    try:
+        if len(requests) == 1:  # stream the one continuation as it comes
+            while engine.has_work:
+                engine.step()
+                print(decoders[0].take(), end="", flush=True)
+            print(decoders[0].take(final=True))
+        else:
+            engine.run_until_done()
+            for i, decoder in enumerate(decoders):
+                print(f"--- {i}\n{decoder.take(final=True)}")
+    except BrokenPipeError:  # the reader has gone (`... | head`): stop quietly, as other tools do
+        # Python flushes stdout once more at exit, which would fail again with a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if args.stats:
         s = engine.stats()

@@ -31,8 +31,10 @@ class StopStrings:
         if not strings:
             raise ValueError("StopStrings needs at least one non-empty string")
         self.decode, self.strings = decode, strings
-        # a string of L characters spans at most L tokens, plus a few for a multi-byte character cut in two
-        self.window = max(len(s) for s in strings) + 4
+        # a byte-level token holds at least one byte, so a string of B UTF-8 bytes spans at most B
+        # tokens (counting characters is not enough: a 3-byte character may be 3 tokens), plus a few
+        # for a multi-byte character cut in two
+        self.window = max(len(s.encode("utf-8", "surrogatepass")) for s in strings) + 4
 
     def __call__(self, tokens: list[int]) -> bool:
         tail = self.decode(tokens[-self.window :])

@@ -54,6 +54,16 @@ def run(args) -> int:
         print(f"nanoseek chat: {e}", file=sys.stderr)
         return 2
     generator.engine.start()
+    try:
+        return converse(generator, args, params)
+    finally:  # a daemon engine thread still running at exit can abort the interpreter ("terminate called ...")
+        generator.engine.stop(timeout=10)
+
+
+def converse(generator, args, params: SamplingParams) -> int:
+    """The read-reply loop, until /exit or end of input."""
+    from ..tokenizer import TokenizerError
+
     tokenizer, context = generator.tokenizer, generator.context_length
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)

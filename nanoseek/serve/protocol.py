@@ -98,6 +98,7 @@ class _Sampling(_Body):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     user: str | None = None
+    logit_bias: dict | None = None
     # vLLM's extensions
     top_k: int = Field(0, ge=-1, lt=INT64_LIMIT)  # 0 or -1: no limit
     min_p: float = Field(0.0, ge=0, le=1)
@@ -110,6 +111,8 @@ class _Sampling(_Body):
             raise ValueError("n: only n=1 is supported (send several requests; they share the engine's batch)")
         if self.frequency_penalty or self.presence_penalty:
             raise ValueError("frequency_penalty and presence_penalty are not supported; use repetition_penalty")
+        if self.logit_bias:  # ignoring it would hand back tokens the client asked never to see
+            raise ValueError("logit_bias is not supported")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         return self
@@ -127,11 +130,24 @@ class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool = False
+    top_logprobs: int | None = None
+    # asking for JSON or for tool calls and getting free text back would look like the model's doing
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None  # OpenAI's older names for tools and tool_choice
+    function_call: str | dict | None = None
 
     @model_validator(mode="after")
-    def _no_logprobs(self):
-        if self.logprobs:
+    def _no_extras(self):
+        if self.logprobs or self.top_logprobs:
             raise ValueError("logprobs are not supported")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise ValueError("response_format: only {\"type\": \"text\"} is supported (no JSON mode)")
+        # "none" and "auto" with no tools both mean plain text, which is what the model gives
+        if self.tools or self.functions or self.tool_choice not in (None, "none", "auto") \
+                or self.function_call not in (None, "none", "auto"):
+            raise ValueError("tools, tool_choice, functions and function_call are not supported")
         return self
 
     @property

@@ -24,6 +24,7 @@ import asyncio
 import json
 import math
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -356,7 +357,7 @@ class _Batch:
             if wait > 0 and not items[0][2].finished:
                 try:  # the end of a generation cuts the wait short: its client may be waiting to send more
                     await asyncio.wait_for(self.ended.wait(), wait)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     pass
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
@@ -469,6 +470,19 @@ def flag_error(args) -> str | None:
     return None
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound as uvicorn binds it. Done before the model loads: a port in use or
+    a host that does not resolve is then a one-line error at once, not uvicorn's exit 3 after the load."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (config.json, weights, tokenizer.json)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -513,6 +527,11 @@ def run(args) -> int:
     if error:
         print(f"nanoseek serve: {error}", file=sys.stderr)
         return 2
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        print(f"nanoseek serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     load_kwargs = dict(dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
@@ -524,13 +543,16 @@ def run(args) -> int:
         else:
             generator = EngineProcess.start(args.model, send_interval=args.stream_interval, **load_kwargs)
     except (CheckpointError, TokenizerError, ValueError, FileNotFoundError, RuntimeError) as e:
+        sock.close()
         print(f"nanoseek serve: {e}", file=sys.stderr)
         return 2
     name = args.model_name or Path(args.model).resolve().name
     app = create_app(generator, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                      max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
                      accepts_images=generator.accepts_images, stream_interval=args.stream_interval)
+    # the bound port, which --port 0 leaves to the system
     print(f"serving {name!r} ({generator.context_length}-token context, {args.max_batch_size} slots) "
-          f"on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+          f"on http://{args.host}:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
