@@ -115,6 +115,11 @@ def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
                 raise DataError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({e})") from e
             if not isinstance(text, str):
                 raise DataError(f"{path}:{lineno}: 'text' must be a string")
+            try:  # JSON can escape a lone surrogate ("\ud800"), which no tokenizer can take
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{path}:{lineno}: 'text' holds {text[e.start:e.end]!r}, "
+                                "a lone surrogate escape that is not Unicode text") from None
             yield f"{path.name}:{lineno}", text
     else:
         yield path.name, read_text(path)
@@ -150,6 +155,8 @@ def split_documents(documents: Iterable[tuple[str, str]], val_fraction: float) -
         (val if zlib.crc32(name.encode()) % 10_000 < val_fraction * 10_000 else train).append(text)
     if not val:  # a handful of documents whose hashes all missed: hold out the last one
         val.append(train.pop())
+    if not train:  # or all hit (a large val_fraction): train on the first one
+        train.append(val.pop(0))
     return train, val
 
 

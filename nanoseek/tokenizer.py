@@ -92,7 +92,10 @@ class Tokenizer:
 
         def token_name(key: str, default: str) -> str:
             value = config.get(key, default)
-            return value.get("content", default) if isinstance(value, dict) else (value or default)
+            name = value.get("content", default) if isinstance(value, dict) else (value or default)
+            if not isinstance(name, str):  # the vocabulary lookup would fail with a bare TypeError
+                raise TokenizerError(f"{key} must be a token string, got {name!r:.80}")
+            return name
 
         self.bos_token, self.eos_token = token_name("bos_token", BOS), token_name("eos_token", EOS)
         self.pad_token = token_name("pad_token", PAD)
@@ -148,7 +151,12 @@ class Tokenizer:
                 raise TokenizerError(f"{config_file}: not UTF-8 text ({e})") from e
             except json.JSONDecodeError as e:
                 raise TokenizerError(f"{config_file}: not valid JSON ({e})") from e
-        return cls(backend, config)
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+        try:
+            return cls(backend, config)
+        except TokenizerError as e:
+            raise TokenizerError(f"{config_file}: {e}") from None
 
     def files(self) -> dict[str, str]:
         """tokenizer.json and tokenizer_config.json contents, for `nanoseek.save(extra_files=...)`."""
@@ -310,6 +318,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from .data import DataError, iter_documents  # data imports this module, so import here
 
+    if args.max_bytes < 1:  # 0 would train a tokenizer without a single merge
+        print(f"nanoseek tokenizer: error: --max-bytes {args.max_bytes}: must be a whole number >= 1", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     texts = (text for _, text in iter_documents(args.corpus))
     try:

@@ -116,7 +116,11 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{manifest_path} is corrupt ({e})") from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_path} is corrupt: expected a JSON object, got {type(manifest).__name__}")
     for name, info in manifest.items():
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            raise CheckpointError(f"{manifest_path} is corrupt: its entry for {name} is not {{\"bytes\", \"sha256\"}}")
         file = path / name
         if not file.exists():
             raise CheckpointError(f"checkpoint {path} is missing {name}")

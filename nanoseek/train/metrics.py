@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -101,7 +102,10 @@ class MetricsLog:
                     continue  # a line cut short by the kill
                 if row.get("step", math.inf) <= resume_step:
                     kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        # rewritten beside and renamed over: a kill (or a full disk) midway keeps the old lines
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
         self.file = open(self.path, "a")
         self.tensorboard = None
         try:

@@ -72,6 +72,20 @@ def settings_from_args(args, default_steps: int | None = None) -> Settings:
     return settings
 
 
+def refuse_changes_on_resume(args, add_arguments, applying: tuple[str, ...]) -> None:
+    """A resumed run keeps the settings, model and data it was started with: a flag given to
+    change them (one whose value is not its default) is refused, not silently ignored. applying:
+    the flags that do apply to a resumed run."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    changed = [name for name, value in vars(args).items()
+               if name in defaults and name not in (*applying, "resume") and value != defaults[name]]
+    if changed:
+        raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in changed)}: a resumed run keeps the "
+                          "settings it was started with (its trainer_state.json); drop these flags, or start a new run")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default="stdlib", help="folder, .txt, .jsonl with 'text', or 'stdlib' (Python's own sources)")
     parser.add_argument("--out", default=None, help="run folder (default runs/<corpus name>)")
@@ -125,9 +139,9 @@ def base_config(args) -> ModelConfig:
         if key in TOKENIZER_FIELDS:
             raise ConfigError(f"--set {key}: the special token ids are the tokenizer's, not a setting")
         changes[key] = parse_set_value(value)
-    if args.vocab_size and changes.get("vocab_size", args.vocab_size) != args.vocab_size:
+    if args.vocab_size is not None and changes.get("vocab_size", args.vocab_size) != args.vocab_size:
         raise ConfigError(f"--vocab-size {args.vocab_size} and --set vocab_size={changes['vocab_size']} disagree")
-    asked = args.vocab_size or changes.get("vocab_size")
+    asked = args.vocab_size if args.vocab_size is not None else changes.get("vocab_size")  # 0 is refused, not unset
     if isinstance(asked, int) and asked < MIN_VOCAB_SIZE:  # other types: config.validate names them
         raise ConfigError(f"--vocab-size {asked}: a byte-level BPE with nanoseek's special tokens needs at least {MIN_VOCAB_SIZE}")
     # the size the tokenizer is trained to; a preset's own can be below that minimum (`test` has 256,
@@ -135,6 +149,8 @@ def base_config(args) -> ModelConfig:
     changes["vocab_size"] = asked if asked is not None else max(config.vocab_size, MIN_VOCAB_SIZE)
     if not 0 < args.val_fraction < 1:
         raise ConfigError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
+    if args.tokenizer_max_bytes < 1:  # 0 would train a tokenizer without a single merge
+        raise ConfigError(f"--tokenizer-max-bytes {args.tokenizer_max_bytes}: must be a whole number >= 1")
     config = config.replace(**changes)
     config.validate()
     return config
@@ -244,6 +260,7 @@ def _run(args) -> int:
     device = pick_device(args.device)
     resumed = args.resume is not None
     if resumed:
+        refuse_changes_on_resume(args, add_arguments, ("threads", "device", "prompt", "max_new_tokens", "temperature"))
         checkpoint = resolve_resume(args.resume)
         state = read_state(checkpoint)
         check_resumable_by("train", state, checkpoint)

@@ -13,6 +13,7 @@ Checkpoints, logging and `--resume` work as in `nanoseek train`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import zlib
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..data import jsonl_lines
 from ..checkpoint import load as load_model
 from ..tokenizer import Tokenizer, TokenizerError
 from .checkpoint import check_resumable_by, list_checkpoints, read_state, report_user_errors, resolve_resume
-from .pretrain import add_settings_arguments, settings_from_args
+from .pretrain import add_settings_arguments, refuse_changes_on_resume, settings_from_args
 from ..runtime import pick_device, set_threads
 from .metrics import pick_dtype
 from .trainer import IGNORE, Settings, Trainer
@@ -122,7 +123,7 @@ def split_conversations(conversations: list[tuple[int, list[dict]]], val_fractio
     for item in conversations:
         key = zlib.crc32(json.dumps(item[1], sort_keys=True).encode())
         (val if key % 10_000 < val_fraction * 10_000 else train).append(item)
-    if not val and len(train) > 1:
+    if not val and len(train) > 1 and val_fraction > 0:  # 0: the user holds out nothing
         val.append(train.pop())
     return train, val
 
@@ -162,6 +163,7 @@ def _run(args) -> int:
     set_threads(args.threads)
     device = pick_device(args.device)
     if args.resume:
+        refuse_changes_on_resume(args, add_arguments, ("threads", "device"))
         checkpoint = resolve_resume(args.resume)
         state = read_state(checkpoint)
         check_resumable_by("sft", state, checkpoint)
@@ -181,6 +183,10 @@ def _run(args) -> int:
             raise CheckpointError(f"{run_dir} already holds checkpoints of a run: continue it with --resume {run_dir}, "
                                   "or fine-tune into another --out")
     conversations = read_conversations(data)  # before loading the model: bad data fails at once
+    data_sha256 = hashlib.sha256(Path(data).read_bytes()).hexdigest()
+    if args.resume and state.get("data_sha256", data_sha256) != data_sha256:  # older runs did not record it
+        raise SFTDataError(f"{data} has changed since this run started: resuming on other conversations would not "
+                           "continue it exactly; restore the file, or fine-tune into a new --out")
     tok = Tokenizer.load(init)
     model = load_model(init, dtype=torch.float32, device=device)
     settings.mtp_depth = min(settings.mtp_depth, len(model.mtp))
@@ -192,13 +198,15 @@ def _run(args) -> int:
     print(f"SFT: {len(train)} train / {len(val_examples)} val conversations, {n_targets:,} assistant tokens to learn")
     loader = ChatLoader(train, settings.batch_size, tok.pad_id, seed=settings.seed)
     trainer = Trainer(model, settings, tok, loader, val, run_dir,
-                      extra_state={"data": str(Path(data).resolve()), "init": str(Path(init).resolve()), "val_fraction": val_fraction})
+                      extra_state={"data": str(Path(data).resolve()), "init": str(Path(init).resolve()), "val_fraction": val_fraction,
+                                   "data_sha256": data_sha256})
     if args.resume:
         trainer.load(checkpoint)
     result = trainer.fit(resumed=bool(args.resume))
     print(f"\nfine-tuned {result['step']} steps; val loss on assistant tokens {result.get('val_loss', float('nan')):.3f}")
-    if val_conv:
-        prompt = [m for m in val_conv[0][1] if m.get("role") != "assistant"][:2]
+    # a sample reply to the first held-out prompt (a conversation of replies only has none)
+    prompt = [m for m in val_conv[0][1] if m.get("role") != "assistant"][:2] if val_conv else []
+    if prompt:
         ids = torch.tensor([tok.encode_chat(prompt)])
         model.eval()
         with torch.no_grad():

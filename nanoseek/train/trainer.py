@@ -151,6 +151,7 @@ class Trainer:
         self.total_steps = settings.steps
         self.elapsed = 0.0  # training seconds before this process (resumed runs)
         self.history: dict = {"best_val_loss": None}
+        self.window = self._fresh_window()  # the steps since the last metrics row
         if settings.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.flops_per_token = train_flops_per_token(model.config, settings.seq_len, settings.mtp_depth)
@@ -255,6 +256,9 @@ class Trainer:
             "settings": dataclasses.asdict(self.s),
             "loader": self.loader.state_dict(),
             "history": self.history,
+            # the losses and loads the next metrics row averages: resumed, it averages the same steps
+            "window": {"loss": self.window["loss"], "mtp": self.window["mtp"],
+                       "counts": None if self.window["counts"] is None else self.window["counts"].tolist()},
             **self.extra_state,
         }
         tensors = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -271,7 +275,18 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.step, self.total_steps = state["step"], state["total_steps"]
         self.elapsed, self.history = state["elapsed"], state["history"]
+        self.window = self._fresh_window()
+        saved = state.get("window")  # absent from older checkpoints
+        if saved:
+            counts = saved["counts"]
+            self.window.update(loss=saved["loss"], mtp=saved["mtp"],
+                               counts=None if counts is None else torch.tensor(counts, dtype=torch.long))
         return state
+
+    @staticmethod
+    def _fresh_window() -> dict:
+        # tokens and seconds restart with each process: a pace spanning a kill would mean nothing
+        return {"tokens": 0, "seconds": 0.0, "counts": None, "loss": [], "mtp": []}
 
     def elapsed_now(self) -> float:
         return self.elapsed + (time.perf_counter() - self._started if hasattr(self, "_started") else 0.0)
@@ -285,12 +300,12 @@ class Trainer:
         self._first_step = self.step  # a resumed run's earlier steps took none of this process's time
         probe_steps = 10
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
-        window = {"tokens": 0, "seconds": 0.0, "counts": None, "loss": [], "mtp": []}
         last_val: dict = {}
         while self.total_steps is None or self.step < self.total_steps:
             start = time.perf_counter()
             stats = self.train_step()
             seconds = time.perf_counter() - start
+            window = self.window
             window["tokens"] += stats["tokens"]
             window["seconds"] += seconds
             window["loss"].append(stats["loss"])
@@ -306,7 +321,7 @@ class Trainer:
             row = {"step": self.step, "loss": stats["loss"]}
             if self.step % s.log_every == 0 or last:
                 row.update(self._interval_metrics(stats, window))
-                window = {"tokens": 0, "seconds": 0.0, "counts": None, "loss": [], "mtp": []}
+                self.window = self._fresh_window()
             if s.eval_every and (self.step % s.eval_every == 0 or last) and self.val:
                 last_val = self.evaluate()
                 row.update(last_val)
