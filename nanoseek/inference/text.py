@@ -67,6 +67,11 @@ class TextDecoder:
                 self.text += piece
         self._tokens = len(tokens)
         self._all_tokens = tokens
+        self._find_stop()
+        return self.stopped_at is not None
+
+    def _find_stop(self) -> None:
+        """Search the text added since the last search for stop strings; set stopped_at at the first."""
         if self.stop and self.stopped_at is None:
             # a match may straddle old and new text, so search from just before the new text
             start = max(0, self._checked - max(map(len, self.stop)) + 1)
@@ -74,7 +79,6 @@ class TextDecoder:
             self._checked = len(self.text)
             if hits:
                 self.stopped_at = min(hits)
-        return self.stopped_at is not None
 
     def take(self, final: bool = False) -> str:
         """The text not yet handed out: all of it when final, else up to any possible stop-string start."""
@@ -84,6 +88,7 @@ class TextDecoder:
             whole = self.tokenizer.decode(self._all_tokens, skip_special_tokens=True)
             if len(whole) > len(self.text) and whole.startswith(self.text):
                 self.text = whole
+                self._find_stop()  # a stop string may hold replacement characters too: it must not leak now
         end = len(self.text) if self.stopped_at is None else self.stopped_at
         if not final and self.stopped_at is None:
             end -= self._held_back()
@@ -92,9 +97,18 @@ class TextDecoder:
         return delta
 
     def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        for k in range(min(max(map(len, self.stop), default=1) - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return k
-        return 0
+        """Length of the longest tail of the text that is a proper prefix of some stop string.
+
+        Only the last len(s) - 1 characters can begin a piece of s, and only where s's first character
+        is: find() jumps from one such place to the next, so a step costs about a scan of that tail
+        rather than a comparison at every position in it.
+        """
+        longest = 0
+        for s in self.stop:
+            i = self.text.find(s[0], max(0, len(self.text) - len(s) + 1))
+            while 0 <= i and len(self.text) - i > longest:
+                if s.startswith(self.text[i:]):
+                    longest = len(self.text) - i  # the earliest place is this stop string's longest piece
+                    break
+                i = self.text.find(s[0], i + 1)
+        return longest

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..inference.sampling import INT64_LIMIT  # the engine holds top_k and seed as int64
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+# every step searches a request's new text, and holds back its tail, against each stop string: work
+# that grows with their length, done on the engine's thread for all requests at once
+MAX_STOP_LENGTH = 256  # characters
 
 
 class APIError(Exception):
@@ -113,9 +116,17 @@ class _Sampling(_Body):
             raise ValueError("frequency_penalty and presence_penalty are not supported; use repetition_penalty")
         if self.logit_bias:  # ignoring it would hand back tokens the client asked never to see
             raise ValueError("logit_bias is not supported")
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         return self
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, stop):
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        longest = max(map(len, [stop] if isinstance(stop, str) else stop or []), default=0)
+        if longest > MAX_STOP_LENGTH:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_LENGTH} characters, got {longest}")
+        return stop
 
     @property
     def stop_strings(self) -> list[str]:

@@ -15,7 +15,8 @@ engine process dies, its requests end with an error, later ones get 503 and /hea
 
 Limits, each answered with an OpenAI-style error body: a body larger than --max-body-bytes (413),
 prompt + max_tokens beyond the context (400), more than --max-queue requests waiting for a slot
-(429), a wrong or missing key when --api-key is set (401). Binds to loopback unless --host says otherwise.
+(429; 400 for a batch that alone is larger), a wrong or missing key when --api-key is set (401).
+Binds to loopback unless --host says otherwise.
 """
 
 from __future__ import annotations
@@ -172,6 +173,9 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
                 raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
         max_tokens = [budget(body, p, param) for p in prompts]
         params = [sampling(body, i) for i in range(len(prompts))]
+        if len(prompts) > max_queue:  # 429 would say "retry later", and no retry can ever fit
+            raise APIError(400, f"{param}: a batch of {len(prompts)} prompts is more than the server's queue holds "
+                                f"({max_queue}); send at most {max_queue} per request", param=param)
         if engine.stats()["waiting"] + len(prompts) > max_queue:
             raise APIError(429, f"the server is busy: more than {max_queue} requests are waiting; retry later",
                            type="rate_limit_error", code="queue_full")

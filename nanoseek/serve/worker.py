@@ -175,8 +175,7 @@ class RemoteEngine:
                 if finished:
                     request.finish_reason, request.error, request.finished_at = reason, error, now
                     request._done.set()
-                if request.on_text is not None:
-                    request.on_text(delta, Event(rid, tokens, finished, reason))
+                _call_back(request, delta, Event(rid, tokens, finished, reason))
 
     def _fail_all(self, why: str) -> None:
         self._dead = why
@@ -185,8 +184,18 @@ class RemoteEngine:
         for request in failed:
             request.finish_reason, request.error, request.finished_at = "error", why, time.perf_counter()
             request._done.set()
-            if request.on_text is not None:
-                request.on_text("", Event(request.id, [], True, "error"))
+            _call_back(request, "", Event(request.id, [], True, "error"))
+
+
+def _call_back(request: RemoteRequest, delta: str, event: Event) -> None:
+    """The request's on_text, if any. One that raises is reported and passed over, as the engine does
+    with its callbacks: on the reader thread, the exception would end the thread and leave every
+    request waiting for events that never come."""
+    if request.on_text is not None:
+        try:
+            request.on_text(delta, event)
+        except Exception:
+            traceback.print_exc()
 
 
 class EngineProcess:
