@@ -342,8 +342,14 @@ def replace_dir(src: Path, dst: Path) -> None:
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)  # left by a killed process that had this pid
         os.rename(dst, old)
-    os.rename(src, dst)
+    try:
+        os.rename(src, dst)
+    except OSError:
+        if old is not None:
+            os.rename(old, dst)  # a failed replace keeps what was there
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(dst.parent)

@@ -173,8 +173,10 @@ def prepare_shards(
     val_fraction: float = 0.05,
     shard_tokens: int = 100_000_000,
     batch_docs: int = 256,
+    extra_meta: dict | None = None,
 ) -> dict:
-    """Tokenize the corpus into out_dir/{train,val}-NNNNN.bin + meta.json; returns the metadata."""
+    """Tokenize the corpus into out_dir/{train,val}-NNNNN.bin + meta.json; returns the metadata.
+    extra_meta is recorded in meta.json too (how the caller made the tokenizer, say)."""
     out_dir = Path(out_dir)
     missing = [token for token, i in ((tokenizer.bos_token, tokenizer.bos_id), (tokenizer.eos_token, tokenizer.eos_id))
                if i is None]
@@ -202,6 +204,7 @@ def prepare_shards(
             "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
             "val_fraction": val_fraction,
             "splits": splits,
+            **(extra_meta or {}),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         apply_umask(tmp)

@@ -10,6 +10,11 @@ manifest is the last file written), and older ones are deleted only after that, 
 any moment leaves the previous checkpoint intact. On resume every file is checked against the
 manifest: a truncated or corrupt checkpoint is refused with an error naming the file.
 
+A run resumed from an earlier checkpoint than its newest starts a new branch: once the branch's
+first checkpoint is in place, the later ones of the left branch are renamed `abandoned-step-N`
+(kept, not deleted: the resume may have been a mistake), so `latest`, the rotation and a later
+`--resume RUN` all follow the new branch.
+
 The training state is a torch file (optimizer state is a nest of tensors and numbers); it is read
 with `weights_only=True`, torch's restricted unpickler that cannot run code.
 """
@@ -71,25 +76,39 @@ def _sha256(path: Path) -> str:
 
 def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekModel, tokenizer: Tokenizer, state: dict,
                     tensors: dict, keep: int = 2) -> Path:
-    """Write run_dir/step-{state['step']}, point run_dir/latest at it, keep the newest `keep`."""
+    """Write run_dir/step-{state['step']}, point run_dir/latest at it, keep the newest `keep`.
+    A failed write (a full disk) raises CheckpointError, its temporary folder removed."""
     run_dir = Path(run_dir)
     name = f"step-{state['step']:06d}"
     partial = run_dir / f".{name}.partial"
     buffer = io.BytesIO()
     torch.save(tensors, buffer)
     extra = {**tokenizer.files(), STATE_FILE: json.dumps(state, indent=1) + "\n", TENSORS_FILE: buffer.getvalue()}
-    save(model, partial, extra_files=extra)
-    manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(partial.iterdir()) if f.is_file()}
-    with open(partial / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
     final = run_dir / name
-    replace_dir(partial, final)
     link = run_dir / f".latest-{os.getpid()}"
-    link.unlink(missing_ok=True)
-    link.symlink_to(name)
-    os.replace(link, run_dir / "latest")
+    try:
+        save(model, partial, extra_files=extra)
+        manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(partial.iterdir()) if f.is_file()}
+        with open(partial / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        replace_dir(partial, final)
+        # steps only grow within a run, so later checkpoints belong to a branch this resumed run left;
+        # they go before `latest` moves, so a kill in between still resumes this branch
+        checkpoints = list_checkpoints(run_dir)
+        for later in checkpoints[checkpoints.index(final) + 1:]:
+            _set_aside(later)
+        link.unlink(missing_ok=True)
+        link.symlink_to(name)
+        if (run_dir / "latest").is_dir() and not (run_dir / "latest").is_symlink():
+            shutil.rmtree(run_dir / "latest")  # a copy of a checkpoint, left by copying the run without symlinks
+        os.replace(link, run_dir / "latest")
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if link.is_symlink():
+            link.unlink()
+        raise CheckpointError(f"could not write checkpoint {final}: {e}") from e
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -97,6 +116,17 @@ def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekModel, tokenizer:
         if _STALE.match(stale.name) and stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _set_aside(checkpoint: Path) -> None:
+    """Rename a checkpoint of a left branch to abandoned-step-N (abandoned-step-N.2, ... if taken):
+    resume and rotation only see step-N folders, and nothing the user trained is deleted."""
+    aside, n = checkpoint.with_name(f"abandoned-{checkpoint.name}"), 1
+    while aside.exists():
+        n += 1
+        aside = checkpoint.with_name(f"abandoned-{checkpoint.name}.{n}")
+    os.rename(checkpoint, aside)
+    print(f"note: {checkpoint.name} belongs to the branch this resumed run left; kept as {aside.name}", file=sys.stderr)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

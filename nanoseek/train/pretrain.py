@@ -128,7 +128,7 @@ def parse_set_value(text: str):
 def base_config(args) -> ModelConfig:
     """The preset (or --config) with every --set applied and the vocabulary the tokenizer is to have:
     the model before the tokenizer fixes its vocabulary and special token ids. Known before any
-    data work, so a bad field fails at once."""
+    data work, so a bad field (or a vocabulary size that is not --tokenizer's) fails at once."""
     config = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     changes = {}
@@ -153,6 +153,12 @@ def base_config(args) -> ModelConfig:
         raise ConfigError(f"--tokenizer-max-bytes {args.tokenizer_max_bytes}: must be a whole number >= 1")
     config = config.replace(**changes)
     config.validate()
+    if args.tokenizer and asked is not None:  # the model's vocabulary is the given tokenizer's
+        size = Tokenizer.load(args.tokenizer).vocab_size
+        if size != asked:
+            flag = f"--vocab-size {asked}" if args.vocab_size is not None else f"--set vocab_size={asked}"
+            raise ConfigError(f"{flag}: the tokenizer {args.tokenizer} has {size} tokens; drop the flag, or leave "
+                              "out --tokenizer to train one of that size")
     return config
 
 
@@ -186,7 +192,8 @@ def resumed_data_dir(stored: str, run_dir: Path) -> Path:
 
 def prepare_data(args, run_dir: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
     """The tokenizer and shards under run_dir/data, reused when made from this very corpus (and,
-    with --tokenizer, this tokenizer) with the same vocabulary size and val fraction."""
+    with --tokenizer, this tokenizer; without, one trained to the same vocabulary size from the same
+    --tokenizer-max-bytes) with the same val fraction."""
     data_dir = run_dir / "data"
     fingerprint = corpus_fingerprint(args.corpus)
     try:
@@ -198,7 +205,8 @@ def prepare_data(args, run_dir: Path, vocab_size: int) -> tuple[Tokenizer, Path]
     if args.tokenizer:
         tok = Tokenizer.load(args.tokenizer)
         reusable = reusable and meta.get("tokenizer_sha256") == tokenizer_fingerprint(tok)
-    elif reusable and meta.get("vocab_size") == vocab_size:
+    elif (reusable and meta.get("vocab_size") == vocab_size
+          and meta.get("tokenizer_max_bytes") == args.tokenizer_max_bytes):  # absent: made with --tokenizer
         tok = Tokenizer.load(data_dir)
     else:
         reusable = False
@@ -208,7 +216,8 @@ def prepare_data(args, run_dir: Path, vocab_size: int) -> tuple[Tokenizer, Path]
         print(f"trained a {vocab_size}-token BPE tokenizer on {resolve_corpus(args.corpus)} in {time.perf_counter() - start:.1f}s")
     if not reusable:
         start = time.perf_counter()
-        meta = prepare_shards(args.corpus, tok, data_dir, val_fraction=args.val_fraction)
+        made = {} if args.tokenizer else {"tokenizer_max_bytes": args.tokenizer_max_bytes}
+        meta = prepare_shards(args.corpus, tok, data_dir, val_fraction=args.val_fraction, extra_meta=made)
         tok.save(data_dir)
         n = {k: sum(v["tokens"]) for k, v in meta["splits"].items()}
         print(f"tokenized {meta['corpus']}: {n['train']:,} train / {n['val']:,} val tokens in {time.perf_counter() - start:.1f}s")

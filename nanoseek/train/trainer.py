@@ -25,6 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..model.transformer import DeepSeekModel
 from ..tokenizer import Tokenizer
@@ -334,7 +335,11 @@ class Trainer:
             bar.set_postfix({k: f"{v:.3g}" for k, v in [("loss", stats["loss"]), ("val", last_val.get("val_loss")),
                              ("tok/s", row.get("tokens_per_s")), ("mfu", row.get("mfu"))] if v is not None}, refresh=False)
             if last or (s.save_every and self.step % s.save_every == 0):
-                self.save()
+                try:
+                    self.save()
+                except CheckpointError:
+                    bar.close()  # so that the command's one-line error starts a line of its own
+                    raise
         bar.close()
         log.close()
         plot_run(log.path, self.run_dir / "train_plot.png", title=self.run_dir.name)
