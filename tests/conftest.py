@@ -1,12 +1,13 @@
 """Test-wide settings: compiled decode steps are cached in a folder of this test session, not in
 the user's ~/.cache (a stale or foreign cache must not decide a test; builds are shared between
 tests and the servers they start, which inherit the environment); the `one_thread` fixture; `vlm`,
-a tiny vision-language model and its tokenizer."""
+a tiny vision-language model and its tokenizer; `tiny_served_model`, a saved tiny model with a tokenizer."""
 
 import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,3 +39,15 @@ def vlm():
     config = nanoseek.get_preset("test").replace(vocab_size=tok.vocab_size, vision_config=vision,
                                                  image_token_id=tok.image_id, eos_token_id=tok.eos_id)
     return nanoseek.build_model(config, seed=0).eval(), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_served_model(tmp_path_factory):
+    """A folder holding the `test` preset (random weights, a 512-token context) and a 400-token
+    tokenizer trained on some of nanoseek's own source: what the server and the engine process load."""
+    folder = tmp_path_factory.mktemp("served") / "tiny"
+    source = [p.read_text() for p in sorted(Path(nanoseek.__file__).parent.rglob("*.py"))][:20]
+    tok = Tokenizer.train(source, 400)
+    config = nanoseek.get_preset("test").replace(vocab_size=400, max_position_embeddings=512)
+    nanoseek.save(nanoseek.build_model(config, seed=3), folder, extra_files=tok.files())
+    return folder

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import nanoseek
 from nanoseek.inference.text import StopStrings
 from nanoseek.tokenizer import Tokenizer
 
@@ -27,16 +26,6 @@ from nanoseek.serve.textgen import load_generator  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHROMIUM = "/usr/bin/chromium"
 INDEX = Path(server.__file__).parent / "static" / "index.html"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fixes14") / "tiny"
-    source = [p.read_text() for p in sorted(Path(nanoseek.__file__).parent.rglob("*.py"))][:20]
-    tok = Tokenizer.train(source, 400)
-    config = nanoseek.get_preset("test").replace(vocab_size=400, max_position_embeddings=512)
-    nanoseek.save(nanoseek.build_model(config, seed=3), folder, extra_files=tok.files())
-    return folder
 
 
 def test_a_stream_interval_wait_that_times_out_on_python_310_does_not_end_the_stream(monkeypatch):
@@ -69,8 +58,8 @@ def test_a_stream_interval_wait_that_times_out_on_python_310_does_not_end_the_st
     assert first[0][0] == "a" and second[0][0] == "b" and rest[0][0][0] == "c"
 
 
-def test_openai_fields_the_server_cannot_honour_are_refused_not_ignored(model_dir):
-    generator = load_generator(model_dir, max_batch_size=2, max_seq_len=64)
+def test_openai_fields_the_server_cannot_honour_are_refused_not_ignored(tiny_served_model):
+    generator = load_generator(tiny_served_model, max_batch_size=2, max_seq_len=64)
     with TestClient(server.create_app(generator, model_name="tiny")) as client:
         def post(path, **fields):
             body = {"model": "tiny", "max_tokens": 2, **fields}
@@ -99,7 +88,7 @@ def test_openai_fields_the_server_cannot_honour_are_refused_not_ignored(model_di
         assert client.get("/health").status_code == 200
 
 
-def test_the_terminal_chat_stops_its_engine_thread_before_returning(model_dir, monkeypatch, capsys):
+def test_the_terminal_chat_stops_its_engine_thread_before_returning(tiny_served_model, monkeypatch, capsys):
     # a daemon engine thread still alive when the interpreter exits can abort it ("terminate called
     # without an active exception", exit 134), as `nanoseek chat --speculative 1` did at Ctrl-D
     generators = []
@@ -110,7 +99,7 @@ def test_the_terminal_chat_stops_its_engine_thread_before_returning(model_dir, m
 
     monkeypatch.setattr(chat, "load_generator", load)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
-    args = Namespace(model=str(model_dir), system=None, temperature=0.0, top_p=1.0, max_tokens=3, seed=None,
+    args = Namespace(model=str(tiny_served_model), system=None, temperature=0.0, top_p=1.0, max_tokens=3, seed=None,
                      max_seq_len=64, dtype=None, device="cpu", speculative=0, compile=False)
     assert chat.run(args) == 0
     assert "3 out" in capsys.readouterr().out  # it did chat
@@ -118,8 +107,8 @@ def test_the_terminal_chat_stops_its_engine_thread_before_returning(model_dir, m
     assert thread is None or not thread.is_alive()
 
 
-def test_stop_strings_of_multibyte_characters_are_found(model_dir):
-    tok = Tokenizer.load(model_dir)
+def test_stop_strings_of_multibyte_characters_are_found(tiny_served_model):
+    tok = Tokenizer.load(tiny_served_model)
     ids = tok.encode("x = 1 日本語 done")
     stop = StopStrings(tok.decode, ["日本語"])
     # byte-level tokens: the three characters take more tokens than characters (+ 4)
@@ -127,19 +116,19 @@ def test_stop_strings_of_multibyte_characters_are_found(model_dir):
     assert hits and "日本語" in tok.decode(ids[:hits[0]]) and "日本語" not in tok.decode(ids[:hits[0] - 1])
 
 
-def test_serve_on_a_port_in_use_is_a_one_line_error_before_the_model_loads(model_dir):
+def test_serve_on_a_port_in_use_is_a_one_line_error_before_the_model_loads(tiny_served_model):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        out = subprocess.run([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model_dir), "--in-process",
+        out = subprocess.run([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(tiny_served_model), "--in-process",
                               "--port", str(port)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == f"nanoseek serve: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
-def test_generate_into_a_closed_pipe_stops_quietly(model_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "generate", str(model_dir), "--prompt", "def",
+def test_generate_into_a_closed_pipe_stops_quietly(tiny_served_model):
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "generate", str(tiny_served_model), "--prompt", "def",
                              "--max-new-tokens", "50", "--ignore-eos"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # as `| head` does once it has read enough

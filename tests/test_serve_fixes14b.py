@@ -6,11 +6,9 @@ import multiprocessing
 import random
 import threading
 import types
-from pathlib import Path
 
 import pytest
 
-import nanoseek
 from nanoseek.inference.text import TextDecoder
 from nanoseek.tokenizer import Tokenizer
 
@@ -28,18 +26,8 @@ TEXT = "The quick brown fox jumps over the lazy dog. Où est la gare? 東京 �
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fixes14b") / "tiny"
-    source = [p.read_text() for p in sorted(Path(nanoseek.__file__).parent.rglob("*.py"))][:20]
-    tok = Tokenizer.train(source, 400)
-    config = nanoseek.get_preset("test").replace(vocab_size=400, max_position_embeddings=512)
-    nanoseek.save(nanoseek.build_model(config, seed=3), folder, extra_files=tok.files())
-    return folder
-
-
-@pytest.fixture(scope="module")
-def generator(model_dir):
-    return load_generator(model_dir, max_batch_size=2, max_seq_len=64)
+def generator(tiny_served_model):
+    return load_generator(tiny_served_model, max_batch_size=2, max_seq_len=64)
 
 
 def test_a_stop_string_longer_than_the_limit_is_refused_naming_stop(generator):

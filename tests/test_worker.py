@@ -5,27 +5,15 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-import nanoseek
 from nanoseek.inference import SamplingParams
 from nanoseek.serve.textgen import load_generator
 from nanoseek.serve.worker import EngineProcess, EngineStopped
 from nanoseek.tokenizer import Tokenizer
 
 pytest.importorskip("fastapi")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("worker") / "tiny"
-    source = [p.read_text() for p in sorted(Path(nanoseek.__file__).parent.rglob("*.py"))][:20]
-    tok = Tokenizer.train(source, 400)
-    config = nanoseek.get_preset("test").replace(vocab_size=400, max_position_embeddings=512)
-    nanoseek.save(nanoseek.build_model(config, seed=3), folder, extra_files=tok.files())
-    return folder
 
 
 def run(generator, jobs):
@@ -46,10 +34,10 @@ def run(generator, jobs):
     return [(t, g.finish_reason, g.usage) for t, g in zip(texts, generations)]
 
 
-def test_engine_process_gives_what_the_engine_in_process_gives(model_dir):
-    tok = Tokenizer.load(model_dir)
+def test_engine_process_gives_what_the_engine_in_process_gives(tiny_served_model):
+    tok = Tokenizer.load(tiny_served_model)
     prompts = [tok.encode(p, bos=True) for p in ("def f(x):", "import os", "class A:")]
-    local = load_generator(model_dir, max_batch_size=2, max_seq_len=128)
+    local = load_generator(tiny_served_model, max_batch_size=2, max_seq_len=128)
     local.engine.start()
     try:
         # a stop string that this random model's greedy continuation holds, some way in
@@ -62,7 +50,7 @@ def test_engine_process_gives_what_the_engine_in_process_gives(model_dir):
         expected = run(local, jobs)
     finally:
         local.engine.stop(5)
-    remote = EngineProcess.start(model_dir, max_batch_size=2, max_seq_len=128)
+    remote = EngineProcess.start(tiny_served_model, max_batch_size=2, max_seq_len=128)
     remote.engine.start()
     try:
         assert run(remote, jobs) == expected  # jobs 0 and 1 are detokenized here, job 2 (stop strings) in the child
@@ -85,11 +73,11 @@ def test_engine_process_gives_what_the_engine_in_process_gives(model_dir):
     assert not remote.engine.alive
 
 
-def test_a_dead_engine_process_fails_its_requests_and_refuses_new_ones(model_dir):
-    remote = EngineProcess.start(model_dir, max_batch_size=2, max_seq_len=512)
+def test_a_dead_engine_process_fails_its_requests_and_refuses_new_ones(tiny_served_model):
+    remote = EngineProcess.start(tiny_served_model, max_batch_size=2, max_seq_len=512)
     remote.engine.start()
     try:
-        tok = Tokenizer.load(model_dir)
+        tok = Tokenizer.load(tiny_served_model)
         started = threading.Event()
         g = remote.submit(tok.encode("x", bos=True), SamplingParams(), max_tokens=500, ignore_eos=True,
                           on_text=lambda delta, event: started.set())
@@ -105,19 +93,19 @@ def test_a_dead_engine_process_fails_its_requests_and_refuses_new_ones(model_dir
         remote.engine.stop(5)
 
 
-def test_a_load_error_in_the_engine_process_comes_back_as_an_error(tmp_path, model_dir):
+def test_a_load_error_in_the_engine_process_comes_back_as_an_error(tmp_path, tiny_served_model):
     with pytest.raises(ValueError, match="max_seq_len"):
-        EngineProcess.start(model_dir, max_seq_len=10**6)
+        EngineProcess.start(tiny_served_model, max_seq_len=10**6)
 
 
-def test_the_engine_process_batches_its_messages_but_not_first_tokens_or_ends(model_dir):
+def test_the_engine_process_batches_its_messages_but_not_first_tokens_or_ends(tiny_served_model):
     """With send_interval, a request's steps arrive a few at a time, its first token and its end at
     once, and the text is the same as with a message per step."""
-    tok = Tokenizer.load(model_dir)
+    tok = Tokenizer.load(tiny_served_model)
     job = dict(prompt_ids=tok.encode("def f(x):", bos=True), params=SamplingParams(), max_tokens=40, ignore_eos=True)
     texts = {}
     for interval in (0.0, 30.0):
-        remote = EngineProcess.start(model_dir, max_batch_size=2, max_seq_len=128, send_interval=interval)
+        remote = EngineProcess.start(tiny_served_model, max_batch_size=2, max_seq_len=128, send_interval=interval)
         remote.engine.start()
         try:
             calls, first_token, ended = [], threading.Event(), threading.Event()
