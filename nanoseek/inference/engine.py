@@ -280,6 +280,9 @@ class Engine:
             SamplingBatch.from_params([params])
         except (OverflowError, RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"sampling parameters {params} do not fit the engine's tensors: {e}") from None
+        if stop is not None and not callable(stop):  # else it would fail its request at the first token
+            raise ValueError(f"stop must be a callable on the tokens so far, got {type(stop).__name__} "
+                             "(for stop strings use nanoseek.inference.text.StopStrings)")
         prompt = list(prompt)
         images = list(images or [])
         stop_ids = self.limits.check(prompt, max_new_tokens, stop_token_ids, images)
@@ -320,7 +323,9 @@ class Engine:
     def start(self) -> None:
         """Step in a background daemon thread while there is work (idempotent)."""
         if self._thread is not None and self._thread.is_alive():
-            return
+            if not self._stopping:
+                return
+            self._thread.join()  # a stop() that timed out: that thread ends after its step, never two at once
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
         self._thread.start()
@@ -331,7 +336,8 @@ class Engine:
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if not self._thread.is_alive():  # else start() must still wait for it
+                self._thread = None
 
     def _loop(self) -> None:
         while True:
@@ -376,12 +382,12 @@ class Engine:
     def _retire_cancelled(self) -> None:
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
-            for request in [r for r in self._waiting if r.id in cancelled]:
+            waiting = [r for r in self._waiting if r.id in cancelled]
+            for request in waiting:
                 self._waiting.remove(request)
-                self._finish(request, "cancelled")
-        for request in self.running:
-            if request.id in cancelled:
-                self._finish(request, "cancelled")
+        # finished outside the lock: on_event may call submit, cancel or stats, which take it
+        for request in waiting + [r for r in self.running if r.id in cancelled]:
+            self._finish(request, "cancelled")
         self._retire()
 
     def _admit(self) -> list[Request]:
@@ -455,7 +461,12 @@ class Engine:
                 break
             request.tokens.append(token)
             appended.append(token)
-            if request.stop is not None and request.stop(request.tokens):
+            try:
+                stopped = request.stop is not None and request.stop(request.tokens)
+            except Exception:  # a broken stop callable fails its own request, not the whole batch
+                request.error, reason = traceback.format_exc(), "error"
+                break
+            if stopped:
                 reason = "stop"
                 break
             if len(request.tokens) >= request.max_new_tokens:

@@ -70,7 +70,9 @@ def block_forward(block: Block, layer: int, x, cos, sin, cache: CacheView, pos_B
     if plain:  # fresh sequences starting at position 0: causal attention over the new tokens only
         x = x + attn(h, cos, sin)
     else:
-        x = x + attn.attend_latent(attn.absorbed_query(h, cos, sin), cache.read(layer, x.shape[0]), mask)
+        q_BTHR = attn.absorbed_query(h, cos, sin)
+        # the cache may hold another dtype than the model (Engine's cache_dtype): attend in the model's
+        x = x + attn.attend_latent(q_BTHR, cache.read(layer, x.shape[0]).to(q_BTHR.dtype), mask)
     h = block.post_attention_layernorm(x)
     return x + (moe_forward(block.mlp, h) if block.is_moe else block.mlp(h))
 
