@@ -87,3 +87,10 @@ def test_start_after_a_stop_that_timed_out_never_runs_two_engine_threads(model):
     assert request.wait(20)
     engine.stop()
     assert not any(overlaps)
+
+
+@pytest.mark.parametrize("limit", ["max_seq_len", "max_cached_tokens"])
+def test_a_zero_context_or_cache_budget_is_refused_not_read_as_the_default(limit):
+    model = nanoseek.build_model(nanoseek.get_preset("test"), seed=0)
+    with pytest.raises(ValueError, match=limit):
+        Engine(model, max_batch_size=1, **{limit: 0})

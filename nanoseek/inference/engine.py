@@ -225,11 +225,16 @@ class Engine:
         self.config = config
         self.max_batch_size = max_batch_size
         self.draft_tokens = speculative
-        self.max_seq_len = max_seq_len or config.max_position_embeddings
+        # None means the default; 0 is refused rather than read as "unset" (`or` would take it so)
+        for name, value in (("max_seq_len", max_seq_len), ("max_cached_tokens", max_cached_tokens)):
+            if value is not None and value < 2:
+                raise ValueError(f"{name} must be at least 2 (a prompt token and a new one), got {value}")
+        self.max_seq_len = max_seq_len if max_seq_len is not None else config.max_position_embeddings
         if self.max_seq_len > config.max_position_embeddings:
             raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the model's max_position_embeddings "
                              f"({config.max_position_embeddings})")
-        self.max_cached_tokens = max_cached_tokens or max_batch_size * (self.max_seq_len + speculative)
+        self.max_cached_tokens = (max_cached_tokens if max_cached_tokens is not None
+                                  else max_batch_size * (self.max_seq_len + speculative))
         self.limits = RequestLimits(config.vocab_size, self.max_seq_len, self.max_cached_tokens, speculative,
                                     tuple(config.eos_token_ids), config.image_token_id,
                                     model.vision.vcfg if model.vision is not None else None)
