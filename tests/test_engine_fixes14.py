@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek.inference import Engine, SamplingParams
+from nanoseek.inference import Engine, SamplingParams, stream
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,14 @@ def test_a_zero_context_or_cache_budget_is_refused_not_read_as_the_default(limit
     model = nanoseek.build_model(nanoseek.get_preset("test"), seed=0)
     with pytest.raises(ValueError, match=limit):
         Engine(model, max_batch_size=1, **{limit: 0})
+
+
+def test_generate_and_stream_give_a_training_model_its_mode_back():
+    model = nanoseek.build_model(nanoseek.get_preset("test"), seed=0).train()
+    nanoseek.generate(model, [[1, 2, 3]], max_new_tokens=2)
+    assert model.training  # was left in eval mode, silently changing a training loop that samples from its model
+    list(stream(model, [[1, 2, 3]], max_new_tokens=2))
+    assert model.training
+    model.eval()
+    nanoseek.generate(model, [[1, 2, 3]], max_new_tokens=2)
+    assert not model.training

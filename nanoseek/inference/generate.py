@@ -52,15 +52,20 @@ def stream(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int =
            stop: Callable[[list[int]], bool] | None = None, speculative: bool | int = False,
            compile: bool | str = False, images: list[list] | None = None) -> Iterator[tuple[int, list[int]]]:
     """Yield (prompt index, new token ids) as each step produces them. Arguments as `generate`."""
-    engine, requests = engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                                           repetition_penalty, seed, stop_token_ids, stop, speculative, compile, images)
-    index = {r.id: i for i, r in enumerate(requests)}
-    while engine.has_work:
-        engine.step()
-        for request in requests:
-            for event in request.poll():
-                if event.tokens:
-                    yield index[request.id], event.tokens
+    training = model.training  # the engine puts the model in eval mode; a training loop gets its mode back
+    try:
+        engine, requests = engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                                               repetition_penalty, seed, stop_token_ids, stop, speculative, compile,
+                                               images)
+        index = {r.id: i for i, r in enumerate(requests)}
+        while engine.has_work:
+            engine.step()
+            for request in requests:
+                for event in request.poll():
+                    if event.tokens:
+                        yield index[request.id], event.tokens
+    finally:
+        model.train(training)
 
 
 def generate(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int = 256, *, temperature: float = 0.0,
@@ -80,8 +85,13 @@ def generate(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int
     images: for a vision-language model, one list of preprocessed images per prompt, each prompt
     holding their runs of image_token_id (build both with `nanoseek.image.chat_prompt`).
     """
-    engine, requests = engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                                           repetition_penalty, seed, stop_token_ids, stop, speculative, compile, images)
-    engine.run_until_done()
+    training = model.training  # the engine puts the model in eval mode (vision drop-path off); restored after
+    try:
+        engine, requests = engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                                               repetition_penalty, seed, stop_token_ids, stop, speculative, compile,
+                                               images)
+        engine.run_until_done()
+    finally:
+        model.train(training)
     outputs = [r.result() for r in requests]
     return (outputs, engine.stats()) if return_stats else outputs
