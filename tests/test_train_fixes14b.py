@@ -158,3 +158,22 @@ def test_a_changed_tokenizer_byte_budget_retrains_the_tokenizer(tok, tmp_path, c
     prepare("--tokenizer", str(tmp_path / "tok"), "--tokenizer-max-bytes", "2000")
     # was: reused, the --tokenizer one taken for a trained tokenizer of the same size
     assert "trained a 300-token" in prepare("--tokenizer-max-bytes", "2000")
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_an_out_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys, command):
+    (tmp_path / "c.txt").write_text(TEXT)
+    (tmp_path / "a-file").write_text("")
+    out = str(tmp_path / "a-file" / "run")  # its parent is a file: NotADirectoryError
+    if command == "train":
+        argv = ["train", "--corpus", str(tmp_path / "c.txt"), "--out", out, *SMALL, "--steps", "1"]
+    else:
+        base = tmp_path / "base"
+        nanoseek.save(nanoseek.build_model(nanoseek.get_preset("test"), seed=0), base, extra_files=Tokenizer.train(
+            [TEXT], 300).files())
+        (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                                      {"role": "assistant", "content": "yo"}]}) + "\n")
+        argv = ["sft", "--init", str(base), "--data", str(tmp_path / "chat.jsonl"), "--out", out, "--steps", "1"]
+    assert main(argv) == 2  # was a traceback
+    err = capsys.readouterr().err
+    assert f"nanoseek {command}: error:" in err and "a-file" in err and "Traceback" not in err

@@ -57,10 +57,12 @@ USER_ERRORS = (CheckpointError, ConfigError, DataError, DeviceError, TokenizerEr
 
 def report_user_errors(command: str, body: Callable[[], int | None], more_errors: tuple = ()) -> int:
     """Run a command's body: its exit status (0 for None), or, on bad input or a damaged checkpoint
-    (USER_ERRORS and more_errors), a one-line message and status 2 instead of a traceback."""
+    (USER_ERRORS and more_errors), a one-line message and status 2 instead of a traceback. So is
+    an OSError (an --out that cannot be written, a full disk while writing metrics or the plot):
+    its message names the path, which is what the user can act on."""
     try:
         status = body()
-    except (*USER_ERRORS, *more_errors) as e:
+    except (*USER_ERRORS, *more_errors, OSError) as e:
         print(f"nanoseek {command}: error: {e}", file=sys.stderr)
         return 2
     return 0 if status is None else status
