@@ -277,6 +277,16 @@ def test_compiled_steps_read_the_models_current_weights(model):
                 p.add_(torch.randn_like(p) * 0.05)
         after = nanoseek.generate(model, PROMPTS[:1], 8, stop_token_ids=[], compile=True)
     assert after == nanoseek.generate(model, PROMPTS[:1], 8, stop_token_ids=[]) and after != before
+    # a freed model takes its compiled steps with it: they hold its tensors, which would otherwise leak
+    import gc
+    import weakref
+
+    from nanoseek.inference import aot
+
+    freed = weakref.ref(model)
+    del model
+    gc.collect()
+    assert freed() is None and not [key for key in aot._ARTIFACTS if key[1]() is None]
 
 
 def test_compiled_steps_are_kept_on_disk_and_reloaded(model):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -45,6 +46,7 @@ from torch.utils import _pytree as pytree
 from .sampling import SamplingBatch
 
 _ARTIFACTS: dict = {}
+_BUILDS = itertools.count()
 _DIR: str | None = None
 
 
@@ -161,7 +163,7 @@ def aot_call(fn, model: nn.Module, buffers: tuple, per_row: tuple, s: SamplingBa
     padded = padded_batch(B, buffers[0].shape[1])
     flags = (s.all_greedy, s.any_filter, s.any_penalty)
     shapes = tuple((tuple(t.shape), t.dtype) for t in buffers)
-    key = (fn, weakref.ref(model), flags, padded, shapes)
+    key = (fn, weakref.ref(model, _forget), flags, padded, shapes)
     rows = tuple(_pad(t, padded) for t in (*per_row, *s[:6]))
     span = torch.empty(attend, dtype=torch.int8, device=per_row[0].device)
     args = (span, *buffers, *rows)
@@ -172,6 +174,12 @@ def aot_call(fn, model: nn.Module, buffers: tuple, per_row: tuple, s: SamplingBa
     if padded == B:
         return out
     return out[:B] if isinstance(out, torch.Tensor) else tuple(t[:B] for t in out)
+
+
+def _forget(dead: weakref.ref) -> None:
+    """A model was freed: drop its artifacts, which hold its tensors (they would outlive it)."""
+    for key in [k for k in _ARTIFACTS if k[1] is dead]:
+        del _ARTIFACTS[key]
 
 
 def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -209,7 +217,7 @@ def _compile(step: _Step, module_tensors: dict, args, options, cached: Path | No
     max_len = args[1].shape[2]  # of the cache, (layers, slots, max_len, R)
     S = torch.export.Dim("attend", min=2, max=max_len - 1)
     dynamic = ({0: S}, (None,) * (len(args) - 1))  # (span, *args): everything but the attended length static
-    path = f"{_directory()}/{step.fn.__name__}-{len(_ARTIFACTS)}.pt2"
+    path = f"{_directory()}/{step.fn.__name__}-{next(_BUILDS)}.pt2"  # never a loaded artifact's file
     with warnings.catch_warnings():  # torch's own pytree deprecation notice, nothing we can act on
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         exported = torch.export.export(step, args, dynamic_shapes=dynamic, strict=False)
