@@ -105,3 +105,21 @@ def test_generate_and_stream_give_a_training_model_its_mode_back():
     model.eval()
     nanoseek.generate(model, [[1, 2, 3]], max_new_tokens=2)
     assert not model.training
+
+
+def test_stop_called_from_an_event_callback_stops_the_engine_thread():
+    model = nanoseek.build_model(nanoseek.get_preset("test"), seed=0)
+    engine = Engine(model, max_batch_size=1, max_seq_len=64)
+    errors = []
+
+    def on_event(event):
+        try:
+            engine.stop()  # on the engine's thread: it raised "cannot join current thread"
+        except Exception as e:
+            errors.append(e)
+
+    engine.start()
+    engine.submit([1, 2, 3], SamplingParams(), max_new_tokens=4, on_event=on_event)
+    thread = engine._thread
+    thread.join(timeout=30)
+    assert not errors and not thread.is_alive()

@@ -339,7 +339,8 @@ class Engine:
         with self._lock:
             self._stopping = True
             self._wakeup.notify()
-        if self._thread is not None:
+        # from the engine's own thread (an on_event callback): it ends after this step; it cannot join itself
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             if not self._thread.is_alive():  # else start() must still wait for it
                 self._thread = None
