@@ -119,3 +119,12 @@ def test_a_stop_string_of_replacement_characters_is_kept_out_of_the_final_text()
             out += decoder.take()
         out += decoder.take(final=True)  # the request ended (max_tokens) inside the character
         assert out == expected, (stop, out)
+
+
+def test_a_second_server_on_a_port_still_being_set_up_is_refused_at_once():
+    first = server.bind("127.0.0.1", 0)  # a server that has bound its port and is loading its model
+    try:
+        with pytest.raises(OSError):  # bind alone (SO_REUSEADDR) succeeded twice; the second then hung
+            server.bind("127.0.0.1", first.getsockname()[1]).close()
+    finally:
+        first.close()

@@ -106,19 +106,45 @@ def test_a_malformed_manifest_is_a_checkpoint_error(tmp_path, manifest, match):
         verify_checkpoint(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def finished_runs(base, tmp_path_factory):
+    """The command lines of a finished 2-step `train` run and a finished 2-step `sft` run."""
+    root = tmp_path_factory.mktemp("finished")
+    (root / "code.txt").write_text(TEXT)
+    (root / "chats.jsonl").write_text("".join(json.dumps(conversation(i)) + "\n" for i in range(4)))
+    train = ["train", "--corpus", str(root / "code.txt"), "--out", str(root / "train"), "--preset", "test",
+             "--vocab-size", "300", "--batch-size", "2", "--seq-len", "16", "--warmup-steps", "1", "--eval-every", "0",
+             "--max-new-tokens", "1", "--steps", "2", "--dtype", "fp32", "--device", "cpu", "--threads", "1"]
+    sft = ["sft", "--init", str(base), "--data", str(root / "chats.jsonl"), "--out", str(root / "sft"), *SFT_FLAGS]
+    assert main(train) == 0 and main(sft) == 0
+    return {"train": train, "sft": sft}
+
+
+def out_of(argv):
+    return argv[argv.index("--out") + 1]
+
+
 @pytest.mark.parametrize("command, flags, named", [
     ("train", ["--steps", "40", "--lr", "1"], "--steps, --lr"),
     ("train", ["--corpus", "other.txt"], "--corpus"),
     ("sft", ["--data", "other.jsonl"], "--data"),
     ("sft", ["--steps", "5"], "--steps"),
 ])
-def test_resume_refuses_flags_it_would_ignore(tmp_path, capsys, command, flags, named):
-    assert main([command, "--resume", str(tmp_path / "gone"), *flags]) == 2
+def test_resume_refuses_flags_it_would_ignore(finished_runs, capsys, command, flags, named):
+    run = out_of(finished_runs[command])
+    capsys.readouterr()
+    assert main([command, "--resume", run, *flags]) == 2  # they were silently ignored
     err = capsys.readouterr().err
     assert f"{named}: a resumed run keeps the settings" in err and len(err.strip().splitlines()) == 1
     applying = {"train": ["--prompt", "x", "--max-new-tokens", "1", "--temperature", "0"], "sft": []}[command]
-    assert main([command, "--resume", str(tmp_path / "gone"), "--threads", "1", "--device", "cpu", *applying]) == 2
-    assert "nothing to resume at" in capsys.readouterr().err  # these flags do apply to a resumed run
+    assert main([command, "--resume", run, "--threads", "1", "--device", "cpu", *applying]) == 0
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_resume_takes_the_first_command_again(finished_runs, capsys, command):
+    """The flags a run was started with, repeated with --resume added, are the run's own settings."""
+    argv = finished_runs[command]
+    assert main([*argv, "--resume", out_of(argv)]) == 0, capsys.readouterr().err
 
 
 def test_metrics_rows_after_a_resume_average_the_same_steps(tok, shards, tmp_path):

@@ -19,7 +19,7 @@ from nanoseek.cli import main
 from nanoseek.config import ConfigError
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import pretrain
-from nanoseek.train.checkpoint import list_checkpoints, read_state, resolve_resume, save_checkpoint
+from nanoseek.train.checkpoint import branch_from, list_checkpoints, read_state, resolve_resume, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,14 +45,18 @@ def steps(run):
 
 def test_a_run_resumed_from_an_earlier_checkpoint_sets_the_abandoned_later_ones_aside(model, tok, tmp_path):
     run = tmp_path / "run"
-    for step in (2, 4):
-        save_checkpoint(run, model, tok, {"step": step}, {}, keep=2)
-    save_checkpoint(run, model, tok, {"step": 3}, {}, keep=2)  # resumed from step 2
-    assert steps(run) == [2, 3]  # was [3, 4]: the branch point rotated out, the abandoned step 4 kept
-    assert os.readlink(run / "latest") == "step-000003"
-    assert resolve_resume(run) == run / "step-000003"  # was step-000004
+    for step in (2, 4, 6):
+        save_checkpoint(run, model, tok, {"step": step, "branch": "old"}, {}, keep=3)
+    assert branch_from(run / "step-000002") == [run / "step-000004", run / "step-000006"]  # resumed from step 2
+    assert os.readlink(run / "latest") == "step-000002" and resolve_resume(run) == run / "step-000002"
+    save_checkpoint(run, model, tok, {"step": 3, "branch": "new"}, {}, keep=2)
+    save_checkpoint(run, model, tok, {"step": 4, "branch": "new"}, {}, keep=2)
+    assert steps(run) == [3, 4]  # was [4, 6]: the old branch's step 6 outlived the new branch's saves
+    assert read_state(run / "step-000004")["branch"] == "new" and resolve_resume(run) == run / "step-000004"
+    # set aside, never deleted: also the old step 4, which the new branch's step 4 would have replaced
+    assert [read_state(run / f"abandoned-step-00000{n}")["branch"] for n in (4, 6)] == ["old", "old"]
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
-    assert read_state(run / "abandoned-step-000004")["step"] == 4  # set aside, not deleted
+    assert branch_from(run / "step-000004") == []  # resuming from the newest is no branch
 
 
 def test_a_checkpoint_overwrites_a_folder_of_its_name_and_a_leftover_swap(model, tok, tmp_path):

@@ -481,6 +481,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # listening now: with SO_REUSEADDR two sockets can bind one port until one listens, so a
+        # second server started during the first one's load would pass bind() and hang at listen
+        sock.listen(2048)  # uvicorn's default backlog
     except OSError:
         sock.close()
         raise

@@ -10,10 +10,11 @@ manifest is the last file written), and older ones are deleted only after that, 
 any moment leaves the previous checkpoint intact. On resume every file is checked against the
 manifest: a truncated or corrupt checkpoint is refused with an error naming the file.
 
-A run resumed from an earlier checkpoint than its newest starts a new branch: once the branch's
-first checkpoint is in place, the later ones of the left branch are renamed `abandoned-step-N`
-(kept, not deleted: the resume may have been a mistake), so `latest`, the rotation and a later
-`--resume RUN` all follow the new branch.
+A run resumed from an earlier checkpoint than its newest starts a new branch (`branch_from`): the
+later checkpoints of the left branch are renamed `abandoned-step-N` at once (kept, not deleted: the
+resume may have been a mistake, and a checkpoint of the same step from another device is not the
+same), and `latest` points at the branch point, so the new branch's saves, the rotation and a later
+`--resume RUN` never meet the old branch.
 
 The training state is a torch file (optimizer state is a nest of tensors and numbers); it is read
 with `weights_only=True`, torch's restricted unpickler that cannot run code.
@@ -96,16 +97,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekModel, tokenizer:
             f.flush()
             os.fsync(f.fileno())
         replace_dir(partial, final)
-        # steps only grow within a run, so later checkpoints belong to a branch this resumed run left;
-        # they go before `latest` moves, so a kill in between still resumes this branch
-        checkpoints = list_checkpoints(run_dir)
-        for later in checkpoints[checkpoints.index(final) + 1:]:
-            _set_aside(later)
-        link.unlink(missing_ok=True)
-        link.symlink_to(name)
-        if (run_dir / "latest").is_dir() and not (run_dir / "latest").is_symlink():
-            shutil.rmtree(run_dir / "latest")  # a copy of a checkpoint, left by copying the run without symlinks
-        os.replace(link, run_dir / "latest")
+        _point_latest(run_dir, name, link)
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
         if link.is_symlink():
@@ -120,6 +112,29 @@ def save_checkpoint(run_dir: str | os.PathLike, model: DeepSeekModel, tokenizer:
     return final
 
 
+def _point_latest(run_dir: Path, name: str, link: Path) -> None:
+    """run_dir/latest -> name, replaced atomically through the temporary symlink `link`."""
+    link.unlink(missing_ok=True)
+    link.symlink_to(name)
+    if (run_dir / "latest").is_dir() and not (run_dir / "latest").is_symlink():
+        shutil.rmtree(run_dir / "latest")  # a copy of a checkpoint, left by copying the run without symlinks
+    os.replace(link, run_dir / "latest")
+
+
+def branch_from(checkpoint: str | os.PathLike) -> list[Path]:
+    """Resuming from `checkpoint` while its run holds later ones: set those aside (renamed
+    abandoned-step-N) and point `latest` at `checkpoint`. Returns what was set aside."""
+    checkpoint = Path(checkpoint).resolve()
+    run_dir = checkpoint.parent
+    checkpoints = [c.resolve() for c in list_checkpoints(run_dir)]
+    later = checkpoints[checkpoints.index(checkpoint) + 1:] if checkpoint in checkpoints else []
+    for abandoned in later:
+        _set_aside(abandoned)
+    if later:
+        _point_latest(run_dir, checkpoint.name, run_dir / f".latest-{os.getpid()}")
+    return later
+
+
 def _set_aside(checkpoint: Path) -> None:
     """Rename a checkpoint of a left branch to abandoned-step-N (abandoned-step-N.2, ... if taken):
     resume and rotation only see step-N folders, and nothing the user trained is deleted."""
@@ -128,7 +143,7 @@ def _set_aside(checkpoint: Path) -> None:
         n += 1
         aside = checkpoint.with_name(f"abandoned-{checkpoint.name}.{n}")
     os.rename(checkpoint, aside)
-    print(f"note: {checkpoint.name} belongs to the branch this resumed run left; kept as {aside.name}", file=sys.stderr)
+    print(f"note: resuming from an earlier checkpoint: {checkpoint.name} is kept as {aside.name}", file=sys.stderr)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

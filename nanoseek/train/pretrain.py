@@ -27,7 +27,8 @@ from ..model.params import count_parameters, human
 from ..model.transformer import build_model
 from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer, sample_texts
 from ..checkpoint import CheckpointError
-from .checkpoint import check_resumable_by, list_checkpoints, read_state, report_user_errors, resolve_resume
+from .checkpoint import (branch_from, check_resumable_by, list_checkpoints, read_state, report_user_errors,
+                         resolve_resume)
 from ..runtime import pick_device, set_threads
 from .metrics import pick_dtype
 from .trainer import Settings, Trainer
@@ -72,15 +73,30 @@ def settings_from_args(args, default_steps: int | None = None) -> Settings:
     return settings
 
 
-def refuse_changes_on_resume(args, add_arguments, applying: tuple[str, ...]) -> None:
+def start_args(args) -> dict:
+    """The flags a run was started with, kept in its training state: a resume may repeat them."""
+    return {name: value for name, value in vars(args).items() if name not in ("resume", "func", "command")}
+
+
+def refuse_changes_on_resume(args, add_arguments, applying: tuple[str, ...], started_with: dict) -> None:
     """A resumed run keeps the settings, model and data it was started with: a flag given to
-    change them (one whose value is not its default) is refused, not silently ignored. applying:
-    the flags that do apply to a resumed run."""
+    change them is refused, not silently ignored. A flag repeating the value the run was started
+    with (`started_with`: its settings, corpus, folders) passes, so the first command with --resume
+    added works; one whose start value is not kept passes only at its default. applying: the flags
+    that do apply to a resumed run."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     defaults = vars(parser.parse_args([]))
+
+    def same(value, start) -> bool:
+        if value == start:
+            return True
+        paths = isinstance(value, (str, Path)) and isinstance(start, (str, Path))
+        return paths and Path(value).resolve() == Path(start).resolve()
+
     changed = [name for name, value in vars(args).items()
-               if name in defaults and name not in (*applying, "resume") and value != defaults[name]]
+               if name in defaults and name not in (*applying, "resume") and value != defaults[name]
+               and not (name in started_with and same(value, started_with[name]))]
     if changed:
         raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in changed)}: a resumed run keeps the "
                           "settings it was started with (its trainer_state.json); drop these flags, or start a new run")
@@ -269,10 +285,13 @@ def _run(args) -> int:
     device = pick_device(args.device)
     resumed = args.resume is not None
     if resumed:
-        refuse_changes_on_resume(args, add_arguments, ("threads", "device", "prompt", "max_new_tokens", "temperature"))
         checkpoint = resolve_resume(args.resume)
         state = read_state(checkpoint)
         check_resumable_by("train", state, checkpoint)
+        refuse_changes_on_resume(args, add_arguments, ("threads", "device", "prompt", "max_new_tokens", "temperature"),
+                                 {**state.get("args", {}), **state["settings"], "corpus": state["corpus"],
+                                  "out": checkpoint.parent})
+        branch_from(checkpoint)
         settings = Settings.from_dict(state["settings"])
         run_dir = checkpoint.parent
         data_dir = resumed_data_dir(state["data_dir"], run_dir)
@@ -299,7 +318,8 @@ def _run(args) -> int:
           f"{len(train_stream):,} training tokens; batch {settings.batch_size}x{settings.seq_len}x{settings.grad_accum}; "
           f"{settings.dtype}; " + (f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)))
     trainer = Trainer(model, settings, tok, loader, val, run_dir,
-                      extra_state={"data_dir": stored_data_dir(data_dir, run_dir), "corpus": corpus})
+                      extra_state={"data_dir": stored_data_dir(data_dir, run_dir), "corpus": corpus,
+                                   "args": state.get("args", {}) if resumed else start_args(args)})
     if resumed:
         trainer.load(checkpoint)
     result = trainer.fit(resumed=resumed)

@@ -26,8 +26,9 @@ from ..config import ConfigError
 from ..data import jsonl_lines
 from ..checkpoint import load as load_model
 from ..tokenizer import Tokenizer, TokenizerError
-from .checkpoint import check_resumable_by, list_checkpoints, read_state, report_user_errors, resolve_resume
-from .pretrain import add_settings_arguments, refuse_changes_on_resume, settings_from_args
+from .checkpoint import (branch_from, check_resumable_by, list_checkpoints, read_state, report_user_errors,
+                         resolve_resume)
+from .pretrain import add_settings_arguments, refuse_changes_on_resume, settings_from_args, start_args
 from ..runtime import pick_device, set_threads
 from .metrics import pick_dtype
 from .trainer import IGNORE, Settings, Trainer
@@ -163,10 +164,13 @@ def _run(args) -> int:
     set_threads(args.threads)
     device = pick_device(args.device)
     if args.resume:
-        refuse_changes_on_resume(args, add_arguments, ("threads", "device"))
         checkpoint = resolve_resume(args.resume)
         state = read_state(checkpoint)
         check_resumable_by("sft", state, checkpoint)
+        refuse_changes_on_resume(args, add_arguments, ("threads", "device"),
+                                 {**state.get("args", {}), **state["settings"], "data": state["data"],
+                                  "init": state["init"], "val_fraction": state["val_fraction"], "out": checkpoint.parent})
+        branch_from(checkpoint)
         settings = Settings.from_dict(state["settings"])
         init, data, run_dir, val_fraction = checkpoint, state["data"], checkpoint.parent, state["val_fraction"]
         print(f"resuming {checkpoint} at step {state['step']}")
@@ -198,8 +202,10 @@ def _run(args) -> int:
     print(f"SFT: {len(train)} train / {len(val_examples)} val conversations, {n_targets:,} assistant tokens to learn")
     loader = ChatLoader(train, settings.batch_size, tok.pad_id, seed=settings.seed)
     trainer = Trainer(model, settings, tok, loader, val, run_dir,
-                      extra_state={"data": str(Path(data).resolve()), "init": str(Path(init).resolve()), "val_fraction": val_fraction,
-                                   "data_sha256": data_sha256})
+                      extra_state={"data": str(Path(data).resolve()), "val_fraction": val_fraction, "data_sha256": data_sha256,
+                                   # the base model and the flags the run started from, whichever checkpoint it resumes
+                                   "init": state["init"] if args.resume else str(Path(init).resolve()),
+                                   "args": state.get("args", {}) if args.resume else start_args(args)})
     if args.resume:
         trainer.load(checkpoint)
     result = trainer.fit(resumed=bool(args.resume))
