@@ -181,3 +181,10 @@ def test_an_out_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys,
     assert main(argv) == 2  # was a traceback
     err = capsys.readouterr().err
     assert f"nanoseek {command}: error:" in err and "a-file" in err and "Traceback" not in err
+
+
+def test_nanoseek_debug_shows_the_traceback_instead(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("NANOSEEK_DEBUG", "1")
+    with pytest.raises(NotADirectoryError):
+        main(["train", "--corpus", str(tmp_path / "a-file"), "--out", str(tmp_path / "a-file" / "run"), *SMALL])

@@ -60,10 +60,13 @@ def report_user_errors(command: str, body: Callable[[], int | None], more_errors
     """Run a command's body: its exit status (0 for None), or, on bad input or a damaged checkpoint
     (USER_ERRORS and more_errors), a one-line message and status 2 instead of a traceback. So is
     an OSError (an --out that cannot be written, a full disk while writing metrics or the plot):
-    its message names the path, which is what the user can act on."""
+    its message names the path, which is what the user can act on. NANOSEEK_DEBUG=1 lets them
+    through with their tracebacks, for when the cause is in the code."""
     try:
         status = body()
     except (*USER_ERRORS, *more_errors, OSError) as e:
+        if os.environ.get("NANOSEEK_DEBUG", "") not in ("", "0"):
+            raise
         print(f"nanoseek {command}: error: {e}", file=sys.stderr)
         return 2
     return 0 if status is None else status
