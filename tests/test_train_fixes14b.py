@@ -188,3 +188,14 @@ def test_nanoseek_debug_shows_the_traceback_instead(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOSEEK_DEBUG", "1")
     with pytest.raises(NotADirectoryError):
         main(["train", "--corpus", str(tmp_path / "a-file"), "--out", str(tmp_path / "a-file" / "run"), *SMALL])
+
+
+@pytest.mark.parametrize("flags, named", [(["--seq-len", "600"], "--seq-len 600: longer than the model's context"),
+                                          (["--temperature", "-1"], "--temperature -1.0: must be a number >= 0")])
+def test_a_window_past_the_context_or_a_negative_temperature_is_refused_before_any_work(tmp_path, capsys, flags, named):
+    (tmp_path / "c.txt").write_text(TEXT)
+    argv = ["train", "--corpus", str(tmp_path / "c.txt"), "--out", str(tmp_path / "run"), *SMALL, "--steps", "1",
+            "--set", "max_position_embeddings=512", *flags]
+    assert main(argv) == 2  # trained past the context, or sampled greedily, without a word
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "run" / "data").exists()

@@ -284,6 +284,8 @@ def _run(args) -> int:
     set_threads(args.threads)
     device = pick_device(args.device)
     resumed = args.resume is not None
+    if not args.temperature >= 0:  # the completions at the end: a negative one would quietly mean greedy
+        raise ConfigError(f"--temperature {args.temperature}: must be a number >= 0 (0: greedy)")
     if resumed:
         checkpoint = resolve_resume(args.resume)
         state = read_state(checkpoint)
@@ -303,7 +305,7 @@ def _run(args) -> int:
         corpus = args.corpus
         settings = settings_from_args(args)
         base = base_config(args)
-        settings.validate(mtp_modules=base.num_nextn_predict_layers)
+        settings.validate(mtp_modules=base.num_nextn_predict_layers, context=base.max_position_embeddings)
         settings.dtype = pick_dtype(settings.dtype, device)
         run_dir = fresh_run_dir(args)
         tok, data_dir = prepare_data(args, run_dir, base.vocab_size)

@@ -72,11 +72,11 @@ class Settings:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
 
-    def validate(self, mtp_modules: int | None = None) -> None:
+    def validate(self, mtp_modules: int | None = None, context: int | None = None) -> None:
         """Raise ConfigError naming the flag of the first impossible setting. The commands call this
         before any work: a bad value otherwise surfaces as a crash minutes into a run (after the
         tokenizer and shards are built, or at the end of warmup), or as a run that trains nothing.
-        mtp_modules: the model's num_nextn_predict_layers, when known."""
+        mtp_modules: the model's num_nextn_predict_layers, context its max_position_embeddings, when known."""
         def fail(name: str, why: str):
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
 
@@ -110,6 +110,8 @@ class Settings:
             fail("dtype", f"must be one of {', '.join(DTYPES)}")
         if mtp_modules is not None and self.mtp_depth > mtp_modules:
             fail("mtp_depth", f"the model has {mtp_modules} MTP module(s) (num_nextn_predict_layers)")
+        if context is not None and self.seq_len > context:  # positions past it were never meant to be seen
+            fail("seq_len", f"longer than the model's context ({context} positions, max_position_embeddings)")
 
 
 def unpadded(inputs_BT: torch.Tensor, pad_id: int) -> torch.Tensor | None:
@@ -144,7 +146,7 @@ class Trainer:
         self.model, self.s, self.tokenizer, self.loader, self.val = model, settings, tokenizer, loader, val
         self.run_dir = Path(run_dir)
         self.extra_state = extra_state or {}  # what the command needs to rebuild data and model on resume
-        settings.validate(mtp_modules=len(model.mtp))
+        settings.validate(mtp_modules=len(model.mtp), context=model.config.max_position_embeddings)
         settings.dtype = pick_dtype(settings.dtype, model.device)
         self.optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
         self.moes = balance.moe_layers(model)
