@@ -128,7 +128,16 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=show_progress,
         )
-        backend.train_from_iterator(texts, trainer)
+        seen = [0]  # characters the trainer was given
+
+        def counted(texts):
+            for text in texts:
+                seen[0] += len(text)
+                yield text
+
+        backend.train_from_iterator(counted(texts), trainer)
+        if not seen[0]:  # else: a tokenizer of bytes and special tokens only, as if nothing were wrong
+            raise TokenizerError("no text to train the tokenizer on (an empty corpus?)")
         return cls(backend)
 
     @classmethod

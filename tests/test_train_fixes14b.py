@@ -184,10 +184,10 @@ def test_an_out_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys,
 
 
 def test_nanoseek_debug_shows_the_traceback_instead(tmp_path, monkeypatch):
-    (tmp_path / "a-file").write_text("")
+    (tmp_path / "c.txt").write_text(TEXT)
     monkeypatch.setenv("NANOSEEK_DEBUG", "1")
     with pytest.raises(NotADirectoryError):
-        main(["train", "--corpus", str(tmp_path / "a-file"), "--out", str(tmp_path / "a-file" / "run"), *SMALL])
+        main(["train", "--corpus", str(tmp_path / "c.txt"), "--out", str(tmp_path / "c.txt" / "run"), *SMALL])
 
 
 @pytest.mark.parametrize("flags, named", [(["--seq-len", "600"], "--seq-len 600: longer than the model's context"),
@@ -199,3 +199,10 @@ def test_a_window_past_the_context_or_a_negative_temperature_is_refused_before_a
     assert main(argv) == 2  # trained past the context, or sampled greedily, without a word
     assert named in capsys.readouterr().err
     assert not (tmp_path / "run" / "data").exists()
+
+
+def test_a_tokenizer_from_an_empty_corpus_is_refused(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["tokenizer", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "tok")]) == 2  # was a 264-token one
+    assert "no text to train the tokenizer on" in capsys.readouterr().err
+    assert not (tmp_path / "tok").exists()
