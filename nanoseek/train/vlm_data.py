@@ -168,7 +168,11 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
             raise VLMDataError(f"{where}: {marks} image marks, but a line holds one image")
         if marks == 0:
             messages = _mark_first_user(messages, where)
-        examples.append(Example(image, messages, record.get("label")))
+        label = record.get("label")
+        if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
+            # the class balancing counts labels with bincount: a name or -1 would fail deep in training
+            raise VLMDataError(f"{where}: 'label' must be a class index (a whole number >= 0), got {label!r:.80}")
+        examples.append(Example(image, messages, label))
     if not examples:
         raise VLMDataError(f"{path}: no examples")
     return examples

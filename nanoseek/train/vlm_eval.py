@@ -204,13 +204,15 @@ def _run(args) -> int:
 
     if args.views < 1:  # before loading anything: a bad flag should cost nothing
         raise VLMDataError(f"--views must be at least 1, got {args.views}")
+    if args.limit is not None and args.limit < 1:  # 0 evaluated every image
+        raise VLMDataError(f"--limit must be at least 1, got {args.limit}")
     start = time.perf_counter()
     model = load(args.model, dtype=torch.float32, device=pick_device(args.device)).eval()
     if model.vision is None:
         raise SystemExit(f"{args.model}: not a vision-language model (its config.json has no vision_config)")
     tok = Tokenizer.load(args.model)
     examples, task = medmnist_examples(args.data, args.split)
-    examples = examples[: args.limit] if args.limit else examples
+    examples = examples[: args.limit] if args.limit is not None else examples
     result = evaluate(model, tok, examples, task, batch_size=args.batch_size, views=args.views)
     for ex, answer in list(zip(examples, result["answers"]))[: args.show]:
         print(f"Q: {task.question}  A: {answer!r}  (label: {task.class_names[ex.label]!r})")
