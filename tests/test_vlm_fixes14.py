@@ -1,5 +1,5 @@
 """Image-path fixes of stop 19: a JSONL `label` that is not a class index is named by line (it failed
-deep in training), and `eval-vlm --limit 0` is refused (it evaluated every image)."""
+deep in training), `eval-vlm --limit 0` is refused (it evaluated every image), and so is a train-vlm run of no steps."""
 
 import json
 
@@ -33,3 +33,10 @@ def test_a_class_index_label_and_no_label_are_read(tmp_path):
 def test_eval_vlm_refuses_a_limit_below_1_before_loading(tmp_path, capsys):
     assert main(["eval-vlm", "--model", str(tmp_path / "none"), "--data", "x.npz", "--limit", "0"]) == 2
     assert "--limit must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", [["--projector-steps", "0", "--steps", "0"], ["--steps", "-1"]])
+def test_train_vlm_refuses_a_run_without_steps(tmp_path, capsys, steps):
+    data = write_jsonl(tmp_path, None)
+    assert main(["train-vlm", "--data", str(data), "--out", str(tmp_path / "out"), *steps]) == 2  # was a traceback
+    assert "each must be at least 0, and together at least 1" in capsys.readouterr().err

@@ -265,6 +265,10 @@ def run_training(args) -> dict:
     deadline = start + 60 * args.max_minutes
     if args.val_views < 1:
         raise VLMDataError(f"--val-views must be at least 1, got {args.val_views}")
+    if args.projector_steps < 0 or args.steps < 0 or args.projector_steps + args.steps < 1:
+        # no step at all would end with no model to keep (it failed loading a None state)
+        raise VLMDataError(f"--projector-steps {args.projector_steps} and --steps {args.steps}: each must be at "
+                           "least 0, and together at least 1")
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
