@@ -1,5 +1,6 @@
 """Image-path fixes of stop 19: a JSONL `label` that is not a class index is named by line (it failed
-deep in training), `eval-vlm --limit 0` is refused (it evaluated every image), and so is a train-vlm run of no steps."""
+deep in training), `eval-vlm --limit 0` is refused (it evaluated every image), and so is a
+`train-vlm` run of no steps (it crashed at the end)."""
 
 import json
 
