@@ -86,11 +86,12 @@ def decode_data_url(url: str, *, max_bytes: int = MAX_ENCODED_BYTES) -> bytes:
         raise ImageError(f"image_url must be a string, got {type(url).__name__}")
     if url.startswith(("http://", "https://")):
         raise ImageError("image_url must be a data URL (data:image/...;base64,...); remote URLs are not fetched")
-    match = re.match(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*)(;base64)?,", url)
+    # scheme, media type and ";base64" match case-insensitively, as browsers read them (WHATWG fetch)
+    match = re.match(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*)(; *base64)?,", url, re.IGNORECASE)
     if not match:
         raise ImageError(f"image_url is not a data URL: {url[:40]!r}...")
     mime, _, is_base64 = match.groups()
-    if mime is not None and not mime.startswith("image/"):
+    if mime is not None and not mime.lower().startswith("image/"):
         raise ImageError(f"data URL holds {mime!r}, not an image")
     if not is_base64:
         raise ImageError("data URL must be base64-encoded (data:image/...;base64,...)")

@@ -41,3 +41,16 @@ def test_train_vlm_refuses_a_run_without_steps(tmp_path, capsys, steps):
     data = write_jsonl(tmp_path, None)
     assert main(["train-vlm", "--data", str(data), "--out", str(tmp_path / "out"), *steps]) == 2  # was a traceback
     assert "each must be at least 0, and together at least 1" in capsys.readouterr().err
+
+
+def test_data_urls_are_read_case_insensitively_as_browsers_do():
+    import base64
+    import io
+
+    from nanoseek.image import decode_data_url
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(buffer, format="PNG")
+    payload = base64.b64encode(buffer.getvalue()).decode()
+    for prefix in ("data:image/png;base64,", "DATA:IMAGE/PNG;BASE64,", "data:image/png; base64,"):
+        assert decode_data_url(prefix + payload) == buffer.getvalue()  # upper case was refused
