@@ -199,7 +199,8 @@ def load_weights(model: DeepSeekModel, path: str | os.PathLike) -> None:
     targets = _targets(model)
     filled: set[str] = set()
     unexpected: list[str] = []
-    for file in _weight_files(path):
+    files = _weight_files(path)
+    for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
                 keys = list(f.keys())
@@ -216,9 +217,10 @@ def load_weights(model: DeepSeekModel, path: str | os.PathLike) -> None:
                     tensor = f.get_tensor(key)
                     if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                         scale_key = key + "_scale_inv"
-                        if scale_key not in key_set:
+                        scale = f.get_tensor(scale_key) if scale_key in key_set else _find_tensor(scale_key, files)
+                        if scale is None:
                             raise CheckpointError(f"{file.name}: fp8 tensor {key} has no {scale_key}")
-                        tensor = dequantize_fp8(tensor, f.get_tensor(scale_key))
+                        tensor = dequantize_fp8(tensor, scale)
                     if tuple(tensor.shape) != target.shape:
                         raise CheckpointError(
                             f"tensor {key} in {file.name} has shape {tuple(tensor.shape)}, "
@@ -236,6 +238,17 @@ def load_weights(model: DeepSeekModel, path: str | os.PathLike) -> None:
     if missing:
         shown = ", ".join(missing[:8])
         raise CheckpointError(f"{len(missing)} tensor(s) missing from {path}: {shown}")
+
+
+def _find_tensor(key: str, files: list[Path]) -> torch.Tensor | None:
+    """`key` from whichever shard holds it, or None. An fp8 weight's block scale usually sits beside
+    it, but a checkpoint re-sharded by size may put the pair in neighbouring shards (DeepSeek's own
+    fp8_cast_bf16.py looks each scale up through the index for this reason)."""
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            if key in f.keys():
+                return f.get_tensor(key)
+    return None
 
 
 def state_dict_hf(model: DeepSeekModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -179,6 +179,11 @@ class ModelConfig:
                 omp = self.rope_scaling.get("original_max_position_embeddings")
                 if not _is_int(omp) or omp <= 0:
                     fail("rope_scaling", "yarn needs a positive integer 'original_max_position_embeddings'")
+                attention_factor = self.rope_scaling.get("attention_factor")
+                if attention_factor is not None and (not _is_number(attention_factor) or attention_factor <= 0):
+                    fail("rope_scaling", "yarn's 'attention_factor' must be a positive number or absent")
+                if not isinstance(self.rope_scaling.get("truncate", True), bool):
+                    fail("rope_scaling", "yarn's 'truncate' must be true or false (a JSON boolean)")
         if self.vision_config is not None:
             from .model.vision import VisionConfig  # the vision fields are defined and checked beside the tower
 
@@ -196,17 +201,27 @@ class ModelConfig:
     # ---- YaRN ----------------------------------------------------------------------------------
     @property
     def yarn(self) -> dict | None:
-        """The YaRN parameters with defaults filled in, or None without YaRN."""
+        """The YaRN parameters with defaults filled in, or None without YaRN.
+
+        Defaults are transformers' (the reader of the config.json nanoseek writes): an absent mscale
+        or mscale_all_dim is 0, which turns the cos/sin factor into plain mscale(factor) (DeepSeek's
+        remote code instead defaults mscale to 1 and always takes the ratio; every DeepSeek release
+        sets both, where the two agree); `attention_factor`, when given, replaces that factor;
+        `truncate` false keeps the ramp's ends unrounded.
+        """
         rs = self.rope_scaling
         if not rs or rs.get("type", rs.get("rope_type")) != "yarn":
             return None
+        attention_factor = rs.get("attention_factor")
         return {
             "factor": float(rs["factor"]),
             "original_max_position_embeddings": int(rs["original_max_position_embeddings"]),
             "beta_fast": float(rs.get("beta_fast") or 32),
             "beta_slow": float(rs.get("beta_slow") or 1),
-            "mscale": float(rs.get("mscale") or 1.0),
+            "mscale": float(rs.get("mscale") or 0.0),
             "mscale_all_dim": float(rs.get("mscale_all_dim") or 0.0),
+            "attention_factor": None if attention_factor is None else float(attention_factor),
+            "truncate": rs.get("truncate", True),
         }
 
     @property
@@ -230,11 +245,13 @@ class ModelConfig:
         rope_parameters = d.pop("rope_parameters", None)
         if isinstance(rope_parameters, dict):
             rp = dict(rope_parameters)
-            if "rope_theta" in rp and "rope_theta" not in d:
+            # a null rope_theta or rope_scaling beside it (a config carried over from the old form)
+            # says nothing, as transformers reads it
+            if "rope_theta" in rp and d.get("rope_theta") is None:
                 d["rope_theta"] = rp.pop("rope_theta")
             rp.pop("rope_theta", None)
             kind = rp.get("rope_type", rp.get("type", "default"))
-            if kind != "default" and "rope_scaling" not in d:
+            if kind != "default" and d.get("rope_scaling") is None:
                 rp.setdefault("type", kind)
                 d["rope_scaling"] = rp
         if d.get("num_mtp_layers") is not None and "num_nextn_predict_layers" not in d:

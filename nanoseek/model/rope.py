@@ -3,7 +3,8 @@
 YaRN (arXiv 2309.00071) interpolates low frequencies by `factor`, keeps high ones, ramps between
 them (beta_fast/beta_slow), and corrects attention temperature: DeepSeek multiplies the softmax
 scale by mscale(factor, mscale_all_dim)^2 (see `ModelConfig.softmax_scale`) and cos/sin by
-mscale(factor, mscale) / mscale(factor, mscale_all_dim), which is 1 for DeepSeek-V3 and V2-Lite.
+mscale(factor, mscale) / mscale(factor, mscale_all_dim), which is 1 for DeepSeek-V3 and V2-Lite
+(without both fields, by mscale(factor); see `ModelConfig.yarn` for the fields and their defaults).
 """
 
 import math
@@ -27,14 +28,18 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
         # the dimension whose wavelength fits num_rotations times into the original context
         return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(yarn["beta_fast"])), 0)
-    high = min(math.ceil(correction_dim(yarn["beta_slow"])), dim - 1)
+    low, high = correction_dim(yarn["beta_fast"]), correction_dim(yarn["beta_slow"])
+    if yarn["truncate"]:  # DeepSeek's rounding; transformers' `truncate: false` keeps the exact ends
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoids a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolation_weight = 1 - ramp
     inv_freq = (inv_freq / factor) * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
-    if yarn["mscale"] and yarn["mscale_all_dim"]:
+    if yarn["attention_factor"] is not None:  # given outright (transformers' field)
+        attention_factor = yarn["attention_factor"]
+    elif yarn["mscale"] and yarn["mscale_all_dim"]:
         attention_factor = yarn_mscale(factor, yarn["mscale"]) / yarn_mscale(factor, yarn["mscale_all_dim"])
     else:
         attention_factor = yarn_mscale(factor)
