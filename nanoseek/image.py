@@ -102,9 +102,11 @@ def _b64decode(text: str, max_bytes: int, name: str) -> bytes:
     if len(text) * 3 // 4 > max_bytes:
         raise ImageError(f"{name}: about {len(text) * 3 // 4} bytes is over the {max_bytes}-byte limit")
     text = re.sub(r"\s+", "", text)
+    # the '=' padding is optional, as in browsers' forgiving base64 (WHATWG): some clients strip it
+    text += "=" * (-len(text) % 4)
     try:
         if "-" in text or "_" in text:
-            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            return base64.urlsafe_b64decode(text)
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ImageError(f"{name}: invalid base64 ({e})") from e

@@ -54,3 +54,37 @@ def test_data_urls_are_read_case_insensitively_as_browsers_do():
     payload = base64.b64encode(buffer.getvalue()).decode()
     for prefix in ("data:image/png;base64,", "DATA:IMAGE/PNG;BASE64,", "data:image/png; base64,"):
         assert decode_data_url(prefix + payload) == buffer.getvalue()  # upper case was refused
+
+
+def test_mixup_skips_batches_whose_tile_grids_differ_with_views_of_one_shape():
+    import types
+
+    import torch
+
+    import nanoseek
+    from nanoseek.model.vision import ImageInput
+    from nanoseek.train import vlm as train_vlm
+    from nanoseek.train.vlm_data import Batch
+
+    vision = dict(image_size=8, patch_size=2, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, max_tiles=4)
+    model = nanoseek.build_model(nanoseek.get_preset("test").replace(vision_config=vision, image_token_id=5), seed=0)
+    # 1x2 and 2x1 tiles: three views each, but runs of different lengths (a row got another's run)
+    images = [ImageInput(torch.randn(3, 3, 8, 8), (1, 2)), ImageInput(torch.randn(3, 3, 8, 8), (2, 1))]
+    batch = Batch(torch.zeros(2, 30, dtype=torch.long), torch.full((2, 30), -100), images)
+    assert train_vlm.mixup_loss(model, batch, types.SimpleNamespace(mixup=0.4), np.random.default_rng(0)) is None
+
+
+def test_the_engine_refuses_an_image_of_other_views_before_it_joins_a_batch(vlm):
+    import torch
+
+    from nanoseek.inference import Engine
+    from nanoseek.model.vision import ImageInput, image_token_count
+
+    model, _ = vlm
+    engine = Engine(model, max_batch_size=2, max_seq_len=256)
+    size = model.vision.vcfg.image_size
+    wrong = ImageInput(torch.zeros(1, 3, size + 4, size + 4))  # not this tower's view size: failed the batch
+    prompt = [1] + [model.config.image_token_id] * image_token_count(model.vision.vcfg) + [2]
+    with pytest.raises(ValueError, match="is not this model's"):
+        engine.submit(prompt, max_new_tokens=2, images=[wrong])

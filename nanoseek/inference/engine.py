@@ -100,6 +100,13 @@ class RequestLimits:
             if images:
                 raise ValueError("this model has no vision encoder (its config has no vision_config), so it takes no images")
             return
+        v = self.vision
+        for image in images:  # a malformed one would fail the whole batch at prefill, not just this request
+            rows, cols = image.tiles
+            if rows < 0 or cols < 0 or tuple(image.views.shape[1:]) != (v.num_channels, v.image_size, v.image_size):
+                raise ValueError(f"an image of views {tuple(image.views.shape)} and tiles {image.tiles} is not this "
+                                 f"model's ({v.num_channels}, {v.image_size}, {v.image_size}) views with tiles >= 0; "
+                                 "preprocess it with nanoseek.image.preprocess")
         slots = sum(1 for t in prompt if t == self.image_token_id)
         needed = sum(image_token_count(self.vision, image.tiles) for image in images)
         if slots and not images:

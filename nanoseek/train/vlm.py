@@ -148,8 +148,10 @@ def mixup_loss(model: DeepSeekModel, batch, args, rng: np.random.Generator) -> t
     another image of the batch, and the loss is lam * the loss of its own reply + (1 - lam) * the
     loss of the other's reply, both read after the same mixed image (one vision pass; the language
     model sees the batch twice, once with each reply). Returns the loss and the (2B, T) ids the
-    language model read; None when views differ in shape (tiling)."""
-    if len({im.views.shape for im in batch.images}) != 1:
+    language model read; None when the images differ in layout (tiling)."""
+    # the views' shape is not enough: grids of 1x2 and 2x1 tiles share it but fill runs of different
+    # lengths, so a row would receive another image's run
+    if len({(im.views.shape, tuple(im.tiles)) for im in batch.images}) != 1:
         return None
     lam = float(rng.beta(args.mixup, args.mixup))
     other = torch.from_numpy(rng.permutation(len(batch.images))).to(batch.input_ids.device)
