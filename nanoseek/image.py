@@ -49,7 +49,7 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_ENC
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
-        if isinstance(text, str) and text.startswith("data:"):
+        if isinstance(text, str) and text[:5].lower() == "data:":  # the scheme is case-insensitive
             data, name = decode_data_url(text, max_bytes=max_bytes), "data URL"
         elif len(text) < 4096 and is_file(text):
             name = text
@@ -84,7 +84,7 @@ def decode_data_url(url: str, *, max_bytes: int = MAX_ENCODED_BYTES) -> bytes:
     """
     if not isinstance(url, str):
         raise ImageError(f"image_url must be a string, got {type(url).__name__}")
-    if url.startswith(("http://", "https://")):
+    if url[:8].lower().startswith(("http://", "https://")):
         raise ImageError("image_url must be a data URL (data:image/...;base64,...); remote URLs are not fetched")
     # scheme, media type and ";base64" match case-insensitively, as browsers read them (WHATWG fetch)
     match = re.match(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*)(; *base64)?,", url, re.IGNORECASE)

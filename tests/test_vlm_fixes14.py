@@ -88,3 +88,23 @@ def test_the_engine_refuses_an_image_of_other_views_before_it_joins_a_batch(vlm)
     prompt = [1] + [model.config.image_token_id] * image_token_count(model.vision.vcfg) + [2]
     with pytest.raises(ValueError, match="is not this model's"):
         engine.submit(prompt, max_new_tokens=2, images=[wrong])
+
+
+def test_upper_case_data_urls_load_everywhere():
+    import base64
+    import io
+
+    from nanoseek.image import load_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(buffer, format="PNG")
+    url = "DATA:IMAGE/PNG;BASE64," + base64.b64encode(buffer.getvalue()).decode()
+    assert load_image(url).size == (4, 4)  # taken for a file name ("no such image file")
+
+
+def test_eval_vlm_on_a_text_model_is_a_one_line_error_with_status_2(tmp_path, capsys):
+    import nanoseek
+
+    nanoseek.save(nanoseek.build_model(nanoseek.get_preset("test"), seed=0), tmp_path / "text")
+    assert main(["eval-vlm", "--model", str(tmp_path / "text"), "--data", "x.npz"]) == 2  # was SystemExit, status 1
+    assert "not a vision-language model" in capsys.readouterr().err

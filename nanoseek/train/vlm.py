@@ -59,7 +59,7 @@ def build_vlm(args, texts: list[str]) -> tuple[DeepSeekModel, Tokenizer]:
     if args.init:
         tok = Tokenizer.load(args.init)
         if tok.image_id is None:
-            raise SystemExit(f"{args.init}: its tokenizer has no <image> token; retrain it with nanoseek's tokenizer")
+            raise VLMDataError(f"{args.init}: its tokenizer has no <image> token; retrain it with nanoseek's tokenizer")
         base = load(args.init, dtype=torch.float32)
         if base.vision is not None:
             return base, tok  # continue training a vision-language model

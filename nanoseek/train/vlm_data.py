@@ -159,7 +159,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
         image, messages = record["image"], record["messages"]
         if not isinstance(image, str) or not image:
             raise VLMDataError(f"{where}: 'image' must be a path, base64 text or a data URL")
-        if not image.startswith("data:") and len(image) < 4096 and not os.path.isabs(image) and is_file(path.parent / image):
+        if image[:5].lower() != "data:" and len(image) < 4096 and not os.path.isabs(image) and is_file(path.parent / image):
             image = str(path.parent / image)
         if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
             raise VLMDataError(f"{where}: 'messages' must be a list with at least one assistant reply to learn")

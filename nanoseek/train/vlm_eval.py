@@ -209,7 +209,7 @@ def _run(args) -> int:
     start = time.perf_counter()
     model = load(args.model, dtype=torch.float32, device=pick_device(args.device)).eval()
     if model.vision is None:
-        raise SystemExit(f"{args.model}: not a vision-language model (its config.json has no vision_config)")
+        raise VLMDataError(f"{args.model}: not a vision-language model (its config.json has no vision_config)")
     tok = Tokenizer.load(args.model)
     examples, task = medmnist_examples(args.data, args.split)
     examples = examples[: args.limit] if args.limit is not None else examples
