@@ -206,3 +206,16 @@ def test_a_tokenizer_from_an_empty_corpus_is_refused(tmp_path, capsys):
     assert main(["tokenizer", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "tok")]) == 2  # was a 264-token one
     assert "no text to train the tokenizer on" in capsys.readouterr().err
     assert not (tmp_path / "tok").exists()
+
+
+def test_sft_fits_its_default_window_to_a_shorter_context_and_refuses_an_explicit_one(tmp_path, capsys):
+    base = tmp_path / "base"
+    config = nanoseek.get_preset("test").replace(max_position_embeddings=128)
+    nanoseek.save(nanoseek.build_model(config, seed=0), base, extra_files=Tokenizer.train([TEXT], 300).files())
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}]}) + "\n" for i in range(4)))
+    argv = ["sft", "--init", str(base), "--data", str(tmp_path / "chat.jsonl"), "--steps", "1", "--batch-size", "2",
+            "--dtype", "fp32", "--device", "cpu", "--threads", "1"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0  # the default 512 was refused against 128
+    assert main([*argv, "--out", str(tmp_path / "b"), "--seq-len", "256"]) == 2
+    assert "--seq-len 256: longer than the model's context" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from .metrics import pick_dtype
 from .trainer import IGNORE, Settings, Trainer
 
 
+DEFAULT_SEQ_LEN = 512  # conversations are cut to this many tokens (to the model's context when shorter)
 DEFAULT_STEPS = 200  # without --steps or --minutes
 
 
@@ -137,7 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)")
     parser.add_argument("--resume", default=None, help="a run folder or checkpoint to continue exactly")
-    add_settings_arguments(parser, Settings(lr=3e-4, warmup_steps=20, seq_len=512, eval_every=50, log_every=5),
+    add_settings_arguments(parser, Settings(lr=3e-4, warmup_steps=20, seq_len=DEFAULT_SEQ_LEN, eval_every=50, log_every=5),
                            helps={"steps": f"optimizer steps (default: {DEFAULT_STEPS}, or as many as fit --minutes)"})
 
 
@@ -194,6 +195,9 @@ def _run(args) -> int:
     tok = Tokenizer.load(init)
     model = load_model(init, dtype=torch.float32, device=device)
     settings.mtp_depth = min(settings.mtp_depth, len(model.mtp))
+    context = model.config.max_position_embeddings
+    if not args.resume and args.seq_len == DEFAULT_SEQ_LEN and context < DEFAULT_SEQ_LEN:
+        settings.seq_len = context  # the default, not asked for: fit it to the model (an explicit one past it is refused)
     train_conv, val_conv = split_conversations(conversations, val_fraction)
     train, val_examples = encode_split(tok, data, train_conv, val_conv, settings.seq_len, val_fraction)
     val = [collate(val_examples[i : i + settings.batch_size], tok.pad_id)
