@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer import Tokenizer, TokenizerError, lone_surrogates
 
 META = "meta.json"
 SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "node_modules"}
@@ -115,11 +115,8 @@ def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
                 raise DataError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({e})") from e
             if not isinstance(text, str):
                 raise DataError(f"{path}:{lineno}: 'text' must be a string")
-            try:  # JSON can escape a lone surrogate ("\ud800"), which no tokenizer can take
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise DataError(f"{path}:{lineno}: 'text' holds {text[e.start:e.end]!r}, "
-                                "a lone surrogate escape that is not Unicode text") from None
+            if (bad := lone_surrogates(text)) is not None:  # JSON can escape one ("\ud800")
+                raise DataError(f"{path}:{lineno}: 'text' holds {bad!r}, a lone surrogate escape that is not Unicode text")
             yield f"{path.name}:{lineno}", text
     else:
         yield path.name, read_text(path)

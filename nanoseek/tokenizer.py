@@ -294,16 +294,21 @@ class Tokenizer:
         raise TokenizerError(f"message {index}: 'content' must be a string or a list of parts, got {type(content).__name__}")
 
 
+def lone_surrogates(text: str) -> str | None:
+    """The first run of lone surrogates in text, or None: what no tokenizer can take, and what Python
+    makes (surrogateescape) of input bytes that are not UTF-8, or JSON of an escape like "\\ud800"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return text[e.start:e.end]
+    return None
+
+
 def _check_unicode(texts: Iterable) -> None:
-    """A TokenizerError for a text the Rust side cannot take: a str with lone surrogates, which is
-    what Python makes (surrogateescape) of input bytes that are not UTF-8, such as a piped prompt."""
+    """A TokenizerError for a text the Rust side cannot take (see lone_surrogates), such as a piped prompt."""
     for text in texts:
-        if isinstance(text, str):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise TokenizerError(f"the text is not valid Unicode: it holds {text[e.start:e.end]!r} "
-                                     "(bytes that are not UTF-8?)") from None
+        if isinstance(text, str) and (bad := lone_surrogates(text)) is not None:
+            raise TokenizerError(f"the text is not valid Unicode: it holds {bad!r} (bytes that are not UTF-8?)")
 
 
 # ---- corpus reading, shared with nanoseek.data ---------------------------------------------------

@@ -117,6 +117,14 @@ class RequestLimits:
                              "build it with nanoseek.image.chat_prompt")
 
 
+def check_lengths(max_seq_len: int | None, max_cached_tokens: int | None) -> None:
+    """ValueError for a context or cache budget below 2 (a prompt token and a new one). None means
+    the default; 0 is refused rather than read as unset, as `max_seq_len or default` would read it."""
+    for name, value in (("max_seq_len", max_seq_len), ("max_cached_tokens", max_cached_tokens)):
+        if value is not None and value < 2:
+            raise ValueError(f"{name} must be at least 2 (a prompt token and a new one), got {value}")
+
+
 @dataclass
 class Event:
     """What one engine step produced for one request."""
@@ -232,10 +240,7 @@ class Engine:
         self.config = config
         self.max_batch_size = max_batch_size
         self.draft_tokens = speculative
-        # None means the default; 0 is refused rather than read as "unset" (`or` would take it so)
-        for name, value in (("max_seq_len", max_seq_len), ("max_cached_tokens", max_cached_tokens)):
-            if value is not None and value < 2:
-                raise ValueError(f"{name} must be at least 2 (a prompt token and a new one), got {value}")
+        check_lengths(max_seq_len, max_cached_tokens)
         self.max_seq_len = max_seq_len if max_seq_len is not None else config.max_position_embeddings
         if self.max_seq_len > config.max_position_embeddings:
             raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the model's max_position_embeddings "

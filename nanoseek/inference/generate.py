@@ -8,6 +8,7 @@ None), so a seed reproduces every output whatever the batch.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator
 
 from ..model.transformer import DeepSeekModel
@@ -20,6 +21,17 @@ def cache_length(model: DeepSeekModel, longest: int) -> int:
     (at least 256, at most the model's context), so that runs of similar lengths share one compiled
     step (a compiled step is specialised to the cache's shape, and kept on disk by it)."""
     return min(model.config.max_position_embeddings, max(256, 1 << (max(longest, 1) - 1).bit_length()))
+
+
+@contextlib.contextmanager
+def _mode_kept(model: DeepSeekModel):
+    """The engine puts the model in eval mode (vision drop-path off): a training loop that samples
+    from its model gets the model's mode back afterwards."""
+    training = model.training
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def engine_and_requests(model: DeepSeekModel, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
@@ -52,8 +64,7 @@ def stream(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int =
            stop: Callable[[list[int]], bool] | None = None, speculative: bool | int = False,
            compile: bool | str = False, images: list[list] | None = None) -> Iterator[tuple[int, list[int]]]:
     """Yield (prompt index, new token ids) as each step produces them. Arguments as `generate`."""
-    training = model.training  # the engine puts the model in eval mode; a training loop gets its mode back
-    try:
+    with _mode_kept(model):
         engine, requests = engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
                                                repetition_penalty, seed, stop_token_ids, stop, speculative, compile,
                                                images)
@@ -64,8 +75,6 @@ def stream(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int =
                 for event in request.poll():
                     if event.tokens:
                         yield index[request.id], event.tokens
-    finally:
-        model.train(training)
 
 
 def generate(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int = 256, *, temperature: float = 0.0,
@@ -85,13 +94,10 @@ def generate(model: DeepSeekModel, prompts: list[list[int]], max_new_tokens: int
     images: for a vision-language model, one list of preprocessed images per prompt, each prompt
     holding their runs of image_token_id (build both with `nanoseek.image.chat_prompt`).
     """
-    training = model.training  # the engine puts the model in eval mode (vision drop-path off); restored after
-    try:
+    with _mode_kept(model):
         engine, requests = engine_and_requests(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
                                                repetition_penalty, seed, stop_token_ids, stop, speculative, compile,
                                                images)
         engine.run_until_done()
-    finally:
-        model.train(training)
     outputs = [r.result() for r in requests]
     return (outputs, engine.stats()) if return_stats else outputs

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..inference.aot import padded_batch
-from ..inference.engine import ATTEND_BLOCK, Engine, Event, Request
+from ..inference.engine import ATTEND_BLOCK, Engine, Event, Request, check_lengths
 from ..inference.sampling import SamplingParams
 from ..inference.text import TextDecoder
 from ..tokenizer import Tokenizer
@@ -86,10 +86,7 @@ def load_generator(path, *, dtype: str | None = None, max_batch_size: int = 8, m
     from .. import checkpoint
     from ..runtime import pick_device
 
-    # before the load; 0 must not quietly mean the default, as `max_seq_len or ...` below would make it
-    for name, value in (("max_seq_len", max_seq_len), ("max_cached_tokens", max_cached_tokens)):
-        if value is not None and value < 2:
-            raise ValueError(f"{name} must be at least 2 (a prompt token and a reply token), got {value}")
+    check_lengths(max_seq_len, max_cached_tokens)  # the engine's own check, before the load (minutes, for a big model)
     model = checkpoint.load(path, dtype=getattr(torch, dtype) if dtype else None, device=pick_device(device)).eval()
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > model.config.vocab_size:

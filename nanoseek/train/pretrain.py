@@ -102,6 +102,22 @@ def refuse_changes_on_resume(args, add_arguments, applying: tuple[str, ...], sta
                           "settings it was started with (its trainer_state.json); drop these flags, or start a new run")
 
 
+def open_resume(command: str, args, add_arguments, applying: tuple[str, ...],
+                kept: tuple[str, ...]) -> tuple[Path, dict]:
+    """The checkpoint `--resume` names and its training state, after the checks every resumed command
+    makes in this order: written by this command; no flag changing what the run started with (its
+    flags, settings and folder, plus the `kept` entries of its state, each under its flag's name);
+    then the later checkpoints of a left branch set aside."""
+    checkpoint = resolve_resume(args.resume)
+    state = read_state(checkpoint)
+    check_resumable_by(command, state, checkpoint)
+    refuse_changes_on_resume(args, add_arguments, applying,
+                             {**state.get("args", {}), **state["settings"], **{name: state[name] for name in kept},
+                              "out": checkpoint.parent})
+    branch_from(checkpoint)
+    return checkpoint, state
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default="stdlib", help="folder, .txt, .jsonl with 'text', or 'stdlib' (Python's own sources)")
     parser.add_argument("--out", default=None, help="run folder (default runs/<corpus name>)")
@@ -287,13 +303,9 @@ def _run(args) -> int:
     if not args.temperature >= 0:  # the completions at the end: a negative one would quietly mean greedy
         raise ConfigError(f"--temperature {args.temperature}: must be a number >= 0 (0: greedy)")
     if resumed:
-        checkpoint = resolve_resume(args.resume)
-        state = read_state(checkpoint)
-        check_resumable_by("train", state, checkpoint)
-        refuse_changes_on_resume(args, add_arguments, ("threads", "device", "prompt", "max_new_tokens", "temperature"),
-                                 {**state.get("args", {}), **state["settings"], "corpus": state["corpus"],
-                                  "out": checkpoint.parent})
-        branch_from(checkpoint)
+        checkpoint, state = open_resume("train", args, add_arguments,
+                                        ("threads", "device", "prompt", "max_new_tokens", "temperature"),
+                                        kept=("corpus",))
         settings = Settings.from_dict(state["settings"])
         run_dir = checkpoint.parent
         data_dir = resumed_data_dir(state["data_dir"], run_dir)

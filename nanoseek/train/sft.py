@@ -26,9 +26,8 @@ from ..config import ConfigError
 from ..data import jsonl_lines
 from ..checkpoint import load as load_model
 from ..tokenizer import Tokenizer, TokenizerError
-from .checkpoint import (branch_from, check_resumable_by, list_checkpoints, read_state, report_user_errors,
-                         resolve_resume)
-from .pretrain import add_settings_arguments, refuse_changes_on_resume, settings_from_args, start_args
+from .checkpoint import list_checkpoints, report_user_errors
+from .pretrain import add_settings_arguments, open_resume, settings_from_args, start_args
 from ..runtime import pick_device, set_threads
 from .metrics import pick_dtype
 from .trainer import IGNORE, Settings, Trainer
@@ -165,13 +164,8 @@ def _run(args) -> int:
     set_threads(args.threads)
     device = pick_device(args.device)
     if args.resume:
-        checkpoint = resolve_resume(args.resume)
-        state = read_state(checkpoint)
-        check_resumable_by("sft", state, checkpoint)
-        refuse_changes_on_resume(args, add_arguments, ("threads", "device"),
-                                 {**state.get("args", {}), **state["settings"], "data": state["data"],
-                                  "init": state["init"], "val_fraction": state["val_fraction"], "out": checkpoint.parent})
-        branch_from(checkpoint)
+        checkpoint, state = open_resume("sft", args, add_arguments, ("threads", "device"),
+                                        kept=("data", "init", "val_fraction"))
         settings = Settings.from_dict(state["settings"])
         init, data, run_dir, val_fraction = checkpoint, state["data"], checkpoint.parent, state["val_fraction"]
         print(f"resuming {checkpoint} at step {state['step']}")
