@@ -51,6 +51,30 @@ def test_blocked_causal_attention_equals_sdpa_with_gradients(T, monkeypatch):
         assert (g - w).abs().max().item() < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_attention_and_norm_equal_their_fp32_softmax_and_norm(dtype):
+    """The blocked attention's softmax and RMSNorm take bf16/fp16 as they are, trusting the CPU kernels
+    to compute in fp32 and round once: the same bits as an explicit fp32 copy."""
+    from nanoseek.model import attention
+    from nanoseek.model.layers import RMSNorm
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 130, 16) for _ in range(3))
+    want = attention.blocked_causal_attention(q, k, v, 0.3).to(dtype)  # fp32 all the way
+    got = attention.blocked_causal_attention(q.to(dtype), k.to(dtype), v.to(dtype), 0.3)
+    assert (got.float() - want.float()).abs().max().item() < 2e-2
+    scores = torch.randn(4, 64, 130).to(dtype) * 4
+    scores[..., 100:] = float("-inf")
+    assert torch.equal(scores.softmax(-1), scores.float().softmax(-1).to(dtype))
+    for dim in (7, 64, 100, 256, 1536):
+        norm = RMSNorm(dim)
+        torch.nn.init.normal_(norm.weight)
+        norm = norm.to(dtype)
+        x = (torch.randn(3, 5, dim) * 3).to(dtype)
+        want = norm.weight * torch.nn.functional.rms_norm(x.float(), (dim,), eps=norm.eps).to(dtype)
+        assert torch.equal(norm(x), want), dim
+
+
 def test_blocked_attention_leaves_long_training_sequences_to_flash(monkeypatch):
     from nanoseek.model import attention
 

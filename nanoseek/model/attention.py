@@ -150,30 +150,28 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     q, k (B, H, T, d), v (B, H, T, dv) -> (B, H, T, dv). Queries go in blocks of ATTENTION_BLOCK_ROWS;
     block i attends only to keys 0..end of block i, so the work above the diagonal is skipped. Each
-    block's scores are one baddbmm over every head, which also applies the scale and adds the mask
-    (-inf above the diagonal). Softmax runs in fp32 or wider whatever the input dtype, as the fused
-    kernels do.
+    block's scores are one baddbmm over every head, which also applies the scale; only the block's
+    diagonal tile needs the causal mask. Softmax takes the scores in their own dtype: PyTorch's CPU
+    kernel computes in fp32 for bf16/fp16 input (bitwise what an fp32 copy would give), so no copies.
     """
     B, H, T, d = q.shape
     rows = ATTENTION_BLOCK_ROWS
     q_NTd = q.reshape(B * H, T, d)
     k_NdT = k.reshape(B * H, T, d).transpose(1, 2)
     v_NTd = v.reshape(B * H, T, v.shape[-1])
-    # band[r, c] = -inf where c > T + r: columns T - start .. T - start + end of it are the mask of
-    # the block starting at `start` (key j hidden from query start + r when j > start + r)
-    band = torch.zeros(rows, T + rows, dtype=q.dtype, device=q.device)
-    band.masked_fill_(torch.ones_like(band, dtype=torch.bool).triu(T + 1), float("-inf"))
-    score_dtype = torch.promote_types(q.dtype, torch.float32)
+    hidden = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)  # key after query
+    zero = q.new_zeros(())  # beta=0 ignores baddbmm's input, so a broadcast scalar stands in for it
     heads = max(1, ATTENTION_BLOCK_VALUES // (rows * T))  # of the B*H folded heads, per block
     head_chunks = -(-B * H // heads)
     out = []
     for start in range(0, T, rows):
         end = min(start + rows, T)
-        mask = band[: end - start, T - start : T - start + end]
         for h in range(0, B * H, heads):
-            scores = torch.baddbmm(mask, q_NTd[h : h + heads, start:end], k_NdT[h : h + heads, :, :end], alpha=scale)
-            probs = scores.to(score_dtype).softmax(dim=-1).to(v.dtype)
-            out.append(torch.bmm(probs, v_NTd[h : h + heads, :end]))
+            q_block = q_NTd[h : h + heads, start:end]
+            scores = torch.baddbmm(zero.expand(q_block.shape[0], end - start, end), q_block,
+                                   k_NdT[h : h + heads, :, :end], beta=0, alpha=scale)
+            scores[..., start:end].masked_fill_(hidden[: end - start, : end - start], float("-inf"))
+            out.append(torch.bmm(scores.softmax(dim=-1), v_NTd[h : h + heads, :end]))
     if head_chunks > 1:  # blocks were also split by heads: regroup them by query block
         out = [torch.cat(out[i : i + head_chunks]) for i in range(0, len(out), head_chunks)]
     return torch.cat(out, dim=1).view(B, H, T, -1)
