@@ -85,6 +85,8 @@ def jsonl_lines(path: str | os.PathLike, error: type[Exception] = DataError,
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise error(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason})") from e
+            if lineno == 1:  # a UTF-8 byte order mark, as Windows tools write: not part of the JSON
+                line = line.removeprefix("\ufeff")
             if line.strip():
                 yield lineno, line
 
@@ -94,8 +96,15 @@ def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
     path = resolve_corpus(corpus)
     if path.is_dir():
         files = []
-        for root, dirs, names in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+        seen = {os.path.realpath(path)}  # folders taken: a symlink back up would loop forever
+        for root, dirs, names in os.walk(path, followlinks=True):  # symlinked folders are corpus too
+            kept = []
+            for d in sorted(dirs):
+                real = os.path.realpath(os.path.join(root, d))
+                if d not in SKIP_DIRS and not d.startswith(".") and real not in seen:
+                    seen.add(real)
+                    kept.append(d)
+            dirs[:] = kept
             files += [Path(root) / n for n in names if not n.startswith(".")]
         if str(corpus) == "stdlib":  # the library's own code: no data files, and no test suites (60% of
             # the bytes, mostly repetitive assertions that would crowd out everything else)
@@ -107,7 +116,7 @@ def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
                 continue
             if text:
                 yield file.relative_to(path).as_posix(), text
-    elif path.suffix == ".jsonl":
+    elif path.suffix.lower() == ".jsonl":
         for lineno, line in jsonl_lines(path):
             try:
                 text = json.loads(line)["text"]
@@ -118,8 +127,8 @@ def iter_documents(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
             if (bad := lone_surrogates(text)) is not None:  # JSON can escape one ("\ud800")
                 raise DataError(f"{path}:{lineno}: 'text' holds {bad!r}, a lone surrogate escape that is not Unicode text")
             yield f"{path.name}:{lineno}", text
-    else:
-        yield path.name, read_text(path)
+    elif text := read_text(path):  # an empty file is no document, as in a folder
+        yield path.name, text
 
 
 def corpus_fingerprint(corpus: str | os.PathLike) -> str:
@@ -145,11 +154,16 @@ def split_documents(documents: Iterable[tuple[str, str]], val_fraction: float) -
         raise DataError("the corpus has no text documents")
     if len(docs) == 1:
         text = docs[0][1]
-        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
+        target = int(len(text) * (1 - val_fraction))
+        # a line boundary at most half val's size away (before the target, else after), else the
+        # target itself: a text of few long lines must not hand val nearly everything
+        slack = (len(text) - target) // 2
+        cut = (text.rfind("\n", max(0, target - slack), target) + 1
+               or text.find("\n", target, min(target + slack, len(text) - 1)) + 1 or target)
         return [text[:cut]], [text[cut:]]
     train, val = [], []
     for name, text in docs:
-        (val if zlib.crc32(name.encode()) % 10_000 < val_fraction * 10_000 else train).append(text)
+        (val if zlib.crc32(name.encode("utf-8", "surrogateescape")) % 10_000 < val_fraction * 10_000 else train).append(text)
     if not val:  # a handful of documents whose hashes all missed: hold out the last one
         val.append(train.pop())
     if not train:  # or all hit (a large val_fraction): train on the first one
@@ -174,7 +188,11 @@ def prepare_shards(
 ) -> dict:
     """Tokenize the corpus into out_dir/{train,val}-NNNNN.bin + meta.json; returns the metadata.
     extra_meta is recorded in meta.json too (how the caller made the tokenizer, say)."""
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # "." has no name to make a temporary sibling from
+    if out_dir.exists() and not (out_dir / META).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        # it is replaced as a whole: never delete what is not shards (the corpus itself, say)
+        raise DataError(f"{out_dir} exists and is not a shard folder (no {META}): refusing to replace it; "
+                        "choose another folder for the shards")
     missing = [token for token, i in ((tokenizer.bos_token, tokenizer.bos_id), (tokenizer.eos_token, tokenizer.eos_id))
                if i is None]
     if missing:  # every document is framed as <bos> text <eos>
@@ -277,9 +295,14 @@ def read_meta(folder: str | os.PathLike) -> dict:
     if not path.exists():
         raise DataError(f"{folder} has no {META}: not a shard folder (run prepare_shards first)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 class TokenStream:
@@ -288,18 +311,21 @@ class TokenStream:
     def __init__(self, folder: str | os.PathLike, split: str):
         folder = Path(folder)
         meta = read_meta(folder)
-        if split not in meta["splits"]:
-            raise DataError(f"{folder}: no split {split!r} (have {', '.join(meta['splits'])})")
-        info = meta["splits"][split]
-        self.dtype = np.dtype(meta["dtype"])
+        try:
+            splits, self.dtype, self.vocab_size = meta["splits"], np.dtype(meta["dtype"]), int(meta["vocab_size"])
+            have = {name: list(zip(info["files"], info["tokens"])) for name, info in splits.items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a meta.json of something else
+            raise DataError(f"{folder / META}: not the metadata of a shard folder ({type(e).__name__}: {e})") from e
+        if split not in have:
+            raise DataError(f"{folder}: no split {split!r} (have {', '.join(have)})")
+        files = have[split]
         self.shards = []
-        for name, count in zip(info["files"], info["tokens"]):
+        for name, count in files:
             file = folder / name
             if not file.exists() or file.stat().st_size != count * self.dtype.itemsize:
                 raise DataError(f"shard {file} is missing or not {count} tokens long (truncated?)")
             self.shards.append(np.memmap(file, dtype=self.dtype, mode="r"))
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
-        self.vocab_size = meta["vocab_size"]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -326,7 +352,8 @@ class PackedLoader:
 
     def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int = 0):
         if len(stream) < seq_len * 2 + 1:
-            raise DataError(f"the split has {len(stream)} tokens, too few for windows of {seq_len + 1}")
+            raise DataError(f"the split has {len(stream)} tokens, too few for windows of {seq_len + 1}: "
+                            f"a shifted epoch needs at least {seq_len * 2 + 1} (a smaller --seq-len, or more text)")
         self.stream, self.batch_size, self.seq_len, self.seed = stream, batch_size, seq_len, seed
         self.epoch, self.index = 0, 0
         self._order_epoch, self._order, self._offset = -1, None, 0

@@ -53,12 +53,22 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_ENC
             data, name = decode_data_url(text, max_bytes=max_bytes), "data URL"
         elif len(text) < 4096 and is_file(text):
             name = text
-            size = Path(text).stat().st_size
-            if size > max_bytes:
-                raise ImageError(f"{name}: file of {size} bytes is over the {max_bytes}-byte limit")
-            data = Path(text).read_bytes()
+            try:
+                size = Path(text).stat().st_size
+                if size > max_bytes:
+                    raise ImageError(f"{name}: file of {size} bytes is over the {max_bytes}-byte limit")
+                data = Path(text).read_bytes()
+            except OSError as e:  # no permission, an I/O error: the file named, not a traceback
+                raise ImageError(f"{name}: cannot read the image file ({e.strerror or e})") from None
         elif isinstance(text, str) and len(text) >= 64 and _BASE64_RE.match(text[:4096]):
-            data, name = _b64decode(text, max_bytes, "base64 image"), "base64 image"
+            try:
+                data, name = _b64decode(text, max_bytes, "base64 image"), "base64 image"
+            except ImageError as e:
+                if "invalid base64" not in str(e):
+                    raise
+                data = b""
+            if not _is_image(data):  # a long path of letters, '/' and '-' (no dot) is base64's alphabet too
+                raise ImageError(f"no such image file, and not base64 of an image either: {text[:200]!r}")
         else:
             raise ImageError(f"no such image file: {text[:200]!r}")
     else:
@@ -112,6 +122,19 @@ def _b64decode(text: str, max_bytes: int, name: str) -> bytes:
         raise ImageError(f"{name}: invalid base64 ({e})") from e
 
 
+def _is_image(data: bytes) -> bool:
+    """Whether the bytes begin like an image of any format Pillow knows (header only)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        return True
+    except Exception:
+        return False
+    return True
+
+
 def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
     w, h = size
     if w <= 0 or h <= 0:
@@ -129,7 +152,7 @@ def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ImageError(_unidentified(data, name)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{name}: over the pixel limit (decompression bomb?): {e}") from None
-    except OSError as e:
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # a corrupt header: "Truncated IHDR chunk" is a ValueError
         raise ImageError(f"{name}: unreadable image ({e})") from None
     _check_pixels(image.size, max_pixels, f"{name} ({image.format})")
     try:

@@ -44,6 +44,9 @@ IMAGE = "<image>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, THINK, THINK_END, IMAGE)
 # the 256 byte tokens and the special tokens, plus at least one merge
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1
+# far above any real vocabulary (DeepSeek-V3: 129280); the Rust trainer reserves memory in proportion
+# to vocab_size and aborts the whole process when that fails (2**28: 17 GB), past 2**64 it overflows
+MAX_VOCAB_SIZE = 1 << 24
 
 # DeepSeek-V3's pre-tokenization: digits in runs of at most 3, CJK runs apart, then a GPT-4-like
 # split of words, punctuation and whitespace (indentation stays one piece, handy for code).
@@ -115,6 +118,8 @@ class Tokenizer:
         if vocab_size < MIN_VOCAB_SIZE:
             raise TokenizerError(f"vocab_size {vocab_size} must be at least {MIN_VOCAB_SIZE} "
                                  f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + 1 merge)")
+        if vocab_size > MAX_VOCAB_SIZE:  # the trainer would abort the process, or raise a bare OverflowError
+            raise TokenizerError(f"vocab_size {vocab_size} must be at most {MAX_VOCAB_SIZE}")
         backend = _RustTokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in _SPLITS]
