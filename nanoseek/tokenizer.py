@@ -323,7 +323,11 @@ def sample_texts(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
     for text in documents:
         if seen >= max_bytes:
             return
-        seen += len(text.encode("utf-8", "ignore"))
+        data = text.encode("utf-8", "ignore")
+        if seen + len(data) > max_bytes:  # the budget ends inside this one: its first whole characters
+            yield data[: max_bytes - seen].decode("utf-8", "ignore")
+            return
+        seen += len(data)
         yield text
 
 

@@ -164,3 +164,28 @@ def test_an_absurd_vocab_size_is_a_message_not_a_crash(tmp_path, capsys, vocab_s
     (tmp_path / "c.txt").write_text("hello world\n" * 10)
     assert main(["tokenizer", str(tmp_path / "c.txt"), "--out", str(tmp_path / "tok"), "--vocab-size", str(vocab_size)]) == 2
     assert f"vocab_size {vocab_size} must be at most" in capsys.readouterr().err
+
+
+def test_the_tokenizer_byte_budget_cuts_a_long_document_and_a_smaller_tokenizer_is_reused(tmp_path, capsys):
+    from nanoseek.tokenizer import sample_texts
+    from nanoseek.train import pretrain
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    pretrain.add_arguments(parser)
+    text = "".join(f"def cube_{i}(x):\n    return x * x * x - {i}\n\n" for i in range(200))
+
+    assert list(sample_texts(["x" * 1000], 100)) == ["x" * 100]  # was: all 1000 bytes
+    assert list(sample_texts(["ab", "\u00e9\u00e9\u00e9"], 5)) == ["ab", "\u00e9"]  # whole characters only
+    (tmp_path / "c.txt").write_text(text)
+
+    def prepare():
+        capsys.readouterr()
+        args = parser.parse_args(["--preset", "test", "--corpus", str(tmp_path / "c.txt"), "--tokenizer-max-bytes", "500"])
+        pretrain.prepare_data(args,
+                              tmp_path / "run", 4000)
+        return capsys.readouterr().out
+
+    assert "trained a 4000-token" in prepare()
+    # the corpus makes fewer merges than 4000 tokens: the same request reuses it (was: retrained each time)
+    assert "trained a" not in prepare()

@@ -237,8 +237,9 @@ def prepare_data(args, run_dir: Path, vocab_size: int) -> tuple[Tokenizer, Path]
     if args.tokenizer:
         tok = Tokenizer.load(args.tokenizer)
         reusable = reusable and meta.get("tokenizer_sha256") == tokenizer_fingerprint(tok)
-    elif (reusable and meta.get("vocab_size") == vocab_size
+    elif (reusable and meta.get("tokenizer_vocab_size", meta.get("vocab_size")) == vocab_size
           and meta.get("tokenizer_max_bytes") == args.tokenizer_max_bytes):  # absent: made with --tokenizer
+        # the size asked for, not the size made: a small corpus gives fewer merges than asked
         tok = Tokenizer.load(data_dir)
     else:
         reusable = False
@@ -248,7 +249,7 @@ def prepare_data(args, run_dir: Path, vocab_size: int) -> tuple[Tokenizer, Path]
         print(f"trained a {vocab_size}-token BPE tokenizer on {resolve_corpus(args.corpus)} in {time.perf_counter() - start:.1f}s")
     if not reusable:
         start = time.perf_counter()
-        made = {} if args.tokenizer else {"tokenizer_max_bytes": args.tokenizer_max_bytes}
+        made = {} if args.tokenizer else {"tokenizer_max_bytes": args.tokenizer_max_bytes, "tokenizer_vocab_size": vocab_size}
         meta = prepare_shards(args.corpus, tok, data_dir, val_fraction=args.val_fraction, extra_meta=made)
         tok.save(data_dir)
         n = {k: sum(v["tokens"]) for k, v in meta["splits"].items()}
