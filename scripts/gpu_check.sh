@@ -17,6 +17,8 @@ TORCH_LOGS=perf_hints timeout 220 python3 benchmarks/decode.py --device cuda --d
     --repeats 2 --bf16 > "$OUT/decode.log" 2>&1
 grep -i "skipping cudagraphs" "$OUT/decode.log" | sort | uniq -c | head -n 5
 grep -v "skipping cudagraphs" "$OUT/decode.log" | tail -n 25
+# a fresh run folder each time: `nanoseek train --out` refuses a folder that already holds a run's checkpoints
+RUN_DIR=$(mktemp -d)/run
 timeout 90 python3 -m nanoseek.cli train --device cuda --corpus stdlib --tokenizer-max-bytes 3000000 --steps 200 \
-    --batch-size 32 --seq-len 256 --eval-every 100 --log-every 50 --out /tmp/gpu-run --max-new-tokens 40 > "$OUT/train.log" 2>&1
+    --batch-size 32 --seq-len 256 --eval-every 100 --log-every 50 --out "$RUN_DIR" --max-new-tokens 40 > "$OUT/train.log" 2>&1
 tr '\r' '\n' < "$OUT/train.log" | grep -v "step/s\]\|s/step\]\|^$" | tail -n 20

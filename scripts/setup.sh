@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install nanoseek with the given extras. torch==2.13.0 goes in first:
-# it is the CPU build, and letting pip resolve an unpinned torch would download a multi-GB CUDA build.
+# Create .venv (once) and install nanoseek with the given extras. torch==2.13.0 goes in first, so that
+# resolving the other packages keeps that build. This project's machines serve its CPU build; PyPI's
+# Linux wheel is the multi-GB CUDA build (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+# gets the CPU one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-train}"
