@@ -204,6 +204,8 @@ def _run(args) -> int:
 
     if args.views < 1:  # before loading anything: a bad flag should cost nothing
         raise VLMDataError(f"--views must be at least 1, got {args.views}")
+    if args.batch_size < 1:
+        raise VLMDataError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:  # 0 evaluated every image
         raise VLMDataError(f"--limit must be at least 1, got {args.limit}")
     start = time.perf_counter()
