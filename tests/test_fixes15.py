@@ -189,3 +189,11 @@ def test_the_tokenizer_byte_budget_cuts_a_long_document_and_a_smaller_tokenizer_
     assert "trained a 4000-token" in prepare()
     # the corpus makes fewer merges than 4000 tokens: the same request reuses it (was: retrained each time)
     assert "trained a" not in prepare()
+
+
+def test_the_plot_line_names_the_plot_only_when_one_was_drawn(tmp_path):
+    from nanoseek.train.pretrain import plot_line
+
+    assert plot_line(tmp_path).startswith("none (it needs matplotlib")  # was: a path to no file
+    (tmp_path / "train_plot.png").write_bytes(b"png")
+    assert plot_line(tmp_path) == str(tmp_path / "train_plot.png")

@@ -257,6 +257,12 @@ def prepare_data(args, run_dir: Path, vocab_size: int) -> tuple[Tokenizer, Path]
     return tok, data_dir
 
 
+def plot_line(run_dir: Path) -> str:
+    """Where the end-of-run plot is, or why there is none (it needs matplotlib)."""
+    plot = run_dir / "train_plot.png"
+    return str(plot) if plot.is_file() else "none (it needs matplotlib: pip install 'nanoseek[train]')"
+
+
 def fresh_run_dir(args) -> Path:
     """--out, which must not hold another run's checkpoints; by default runs/<corpus>, or
     runs/<corpus>-2, -3, ... when that one is taken, so a rerun never overwrites a finished run."""
@@ -349,5 +355,5 @@ def _run(args) -> int:
     latest = (run_dir / "latest").resolve()
     print(f"\ncheckpoint: {latest}  (load with nanoseek.load('{run_dir / 'latest'}'))")
     print(f"metrics:    {run_dir / 'metrics.jsonl'}")
-    print(f"plot:       {run_dir / 'train_plot.png'}")
+    print(f"plot:       {plot_line(run_dir)}")
     return 0

@@ -27,7 +27,7 @@ from ..data import jsonl_lines
 from ..checkpoint import load as load_model
 from ..tokenizer import Tokenizer, TokenizerError
 from .checkpoint import list_checkpoints, report_user_errors
-from .pretrain import add_settings_arguments, open_resume, settings_from_args, start_args
+from .pretrain import add_settings_arguments, open_resume, plot_line, settings_from_args, start_args
 from ..runtime import pick_device, set_threads
 from .metrics import pick_dtype
 from .trainer import IGNORE, Settings, Trainer
@@ -220,5 +220,5 @@ def _run(args) -> int:
                     break
                 ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
         print(f"\n{tok.decode(ids[0].tolist())}")
-    print(f"\ncheckpoint: {(run_dir / 'latest').resolve()}\nplot: {run_dir / 'train_plot.png'}")
+    print(f"\ncheckpoint: {(run_dir / 'latest').resolve()}\nplot: {plot_line(run_dir)}")
     return 0
