@@ -2,7 +2,7 @@
 
     nanoseek train                                    # the main job: Python's stdlib sources, preset 'small', 10 min
     nanoseek train --corpus ../shared/data/text/tinyshakespeare.txt --out runs/shakespeare --minutes 5
-    nanoseek train --set n_routed_experts=0 --set intermediate_size=800   # any config field
+    nanoseek train --set n_routed_experts=0 --set intermediate_size=640   # any config field
     nanoseek train --resume runs/stdlib               # continue exactly from the newest intact checkpoint
 
 A run folder holds data/ (the tokenizer and token shards, reused by later runs on the same corpus),
