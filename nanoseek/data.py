@@ -13,7 +13,7 @@ Python on every machine).
 
 Each document becomes `<bos> text <eos>` and documents are concatenated. Documents go to val by a
 hash of their name (a stable split that does not move when files are added); a corpus of one
-document (a .txt) is split at a line boundary, its last val_fraction going to val. Shards are
+document (a .txt) is split near its last val_fraction, at a line boundary when one is close. Shards are
 written to a temporary folder and renamed, and the same corpus and tokenizer give byte-identical
 shards.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sysconfig
 import tempfile
@@ -189,9 +190,9 @@ def prepare_shards(
     """Tokenize the corpus into out_dir/{train,val}-NNNNN.bin + meta.json; returns the metadata.
     extra_meta is recorded in meta.json too (how the caller made the tokenizer, say)."""
     out_dir = Path(os.path.abspath(out_dir))  # "." has no name to make a temporary sibling from
-    if out_dir.exists() and not (out_dir / META).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not _replaceable(out_dir):
         # it is replaced as a whole: never delete what is not shards (the corpus itself, say)
-        raise DataError(f"{out_dir} exists and is not a shard folder (no {META}): refusing to replace it; "
+        raise DataError(f"{out_dir} exists and holds more than shards and a tokenizer: refusing to replace it; "
                         "choose another folder for the shards")
     missing = [token for token, i in ((tokenizer.bos_token, tokenizer.bos_id), (tokenizer.eos_token, tokenizer.eos_id))
                if i is None]
@@ -290,6 +291,16 @@ class _ShardWriter:
 
 
 # ---- reading shards -----------------------------------------------------------------------------
+# what prepare_shards and Tokenizer.save write: a folder of nothing else may be replaced
+_SHARD_FOLDER_FILE = re.compile(r"(meta\.json|tokenizer(_config)?\.json|(train|val)-\d+\.bin)")
+
+
+def _replaceable(folder: Path) -> bool:
+    """A folder of shards (and the tokenizer saved beside them, or given for them), or empty."""
+    return folder.is_dir() and all(entry.is_file() and _SHARD_FOLDER_FILE.fullmatch(entry.name)
+                                   for entry in folder.iterdir())
+
+
 def read_meta(folder: str | os.PathLike) -> dict:
     path = Path(folder) / META
     if not path.exists():

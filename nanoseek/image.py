@@ -122,8 +122,15 @@ def _b64decode(text: str, max_bytes: int, name: str) -> bytes:
         raise ImageError(f"{name}: invalid base64 ({e})") from e
 
 
+# the first bytes of the common formats: an image that Pillow cannot even open (a corrupt header)
+# is still an image, and its error should say so
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
 def _is_image(data: bytes) -> bool:
     """Whether the bytes begin like an image of any format Pillow knows (header only)."""
+    if data.startswith(_IMAGE_MAGIC):
+        return True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -49,7 +49,7 @@ def test_prepare_shards_refuses_to_replace_a_folder_that_is_not_shards(tmp_path,
     corpus = tmp_path / "data"  # `nanoseek train data/ --out .` writes its shards to ./data
     corpus.mkdir()
     (corpus / "notes.txt").write_text("hello world\n" * 50)
-    with pytest.raises(DataError, match="not a shard folder"):
+    with pytest.raises(DataError, match="holds more than shards and a tokenizer"):
         prepare_shards(corpus, tok, corpus)
     assert (corpus / "notes.txt").read_text() == "hello world\n" * 50  # was deleted
     # a shard folder is replaced, and so is an empty folder
@@ -197,3 +197,47 @@ def test_the_plot_line_names_the_plot_only_when_one_was_drawn(tmp_path):
     assert plot_line(tmp_path).startswith("none (it needs matplotlib")  # was: a path to no file
     (tmp_path / "train_plot.png").write_bytes(b"png")
     assert plot_line(tmp_path) == str(tmp_path / "train_plot.png")
+
+
+def test_a_folder_of_a_tokenizer_takes_shards_and_a_foreign_meta_json_does_not_make_a_shard_folder(tmp_path, tok):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n" * 50)
+    # `nanoseek tokenizer c.txt --out run/data`, then `nanoseek train --tokenizer run/data --out run`
+    tok.save(tmp_path / "run" / "data")
+    prepare_shards(corpus, tok, tmp_path / "run" / "data")  # was refused after the first fix
+    assert (tmp_path / "run" / "data" / "meta.json").is_file()
+    mine = tmp_path / "mine"  # a user's folder that has a meta.json of its own beside the corpus
+    mine.mkdir()
+    (mine / "meta.json").write_text('{"name": "my dataset"}')
+    (mine / "corpus.txt").write_text("hello world\n" * 50)
+    with pytest.raises(DataError, match="holds more than shards"):
+        prepare_shards(mine / "corpus.txt", tok, mine)
+    assert (mine / "corpus.txt").is_file()  # was deleted
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token():
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]])
+    s = SamplingBatch.from_params([SamplingParams(temperature=1.0, top_p=1e-46, seed=0)])
+    kept = process_logits(logits, s, None).isfinite()
+    assert kept.tolist() == [[[True, False, False, False]]]  # was: nothing kept, NaN probabilities
+
+
+def test_base64_of_a_png_with_a_corrupt_header_is_called_an_unreadable_image():
+    data = bytearray(_png())
+    data[11] = 0x0B
+    with pytest.raises(ImageError, match="unreadable image"):  # was "not base64 of an image either"
+        load_image(base64.b64encode(bytes(data)).decode())
+
+
+def test_generate_runs_without_pillow(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import nanoseek
+    from nanoseek.cli import main
+
+    tok_ = Tokenizer.train(["hello world, a tiny corpus"] * 20, 300)
+    nanoseek.save(nanoseek.build_model(nanoseek.get_preset("test").replace(vocab_size=tok_.vocab_size), seed=0),
+                  tmp_path / "m", extra_files=tok_.files())
+    for name in ("PIL", "PIL.Image", "nanoseek.image"):
+        monkeypatch.setitem(sys.modules, name, None)  # as without the `vision` extra
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "hello", "--max-new-tokens", "3"]) == 0  # was status 2

@@ -79,7 +79,8 @@ def test_sam_takes_the_gradient_at_the_perturbed_weights_and_restores_them(tmp_p
     perturbed = [w + 0.5 * g / norm if g is not None else w for w, g in zip(start, g0)]
     want = grads_at(perturbed)
     grads_at(start)  # back at the start, with the plain gradients in .grad
-    vlm.sharpness_aware_grads(model, batch, params, args, np.random.default_rng(0), np.random.default_rng(0).bit_generator.state)
+    states = (np.random.default_rng(0).bit_generator.state, vlm.torch_rng_states(model.device))
+    vlm.sharpness_aware_grads(model, batch, params, args, np.random.default_rng(0), states)
     for p, w, g in zip(params, start, want):
         assert torch.allclose(p.detach(), w, atol=1e-6)  # the weights are restored
         if g is not None:
@@ -94,3 +95,61 @@ def test_train_vlm_with_sam_runs_and_lowers_the_loss(tmp_path):
     info = vlm.run_training(args)
     losses = [h["train_loss"] for h in info["history"]]
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def _tiny_model(tmp_path, *flags):
+    from nanoseek.model.vision import VisionConfig
+    from nanoseek.train.vlm_data import make_batch
+
+    data = fake_medmnist(tmp_path / "breastmnist.npz")
+    args = parse(["--data", str(data), "--out", str(tmp_path / "v"), *TINY, "--vision-layers", "2", *flags])
+    train, _, _ = vlm.load_data(args)
+    model, tok = vlm.build_vlm(args, vlm.data_texts(train))
+    for block in model.vision.encoder.blocks:
+        block.drop_path = args.drop_path
+    batch = make_batch(train[:8], tok, VisionConfig.from_dict(model.config.vision_config))
+    return model, batch, args
+
+
+def test_sam_repeats_the_first_pass_random_draws(tmp_path):
+    """With drop-path on, the second pass must drop the same branches: at a vanishing radius the SAM
+    gradient is the plain one (a new drop-path draw made it differ by 0.02)."""
+    model, batch, args = _tiny_model(tmp_path, "--sam", "1e-12", "--drop-path", "0.5")
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    rng = np.random.default_rng(0)
+    states = (rng.bit_generator.state, vlm.torch_rng_states(model.device))
+    model.zero_grad(set_to_none=True)
+    vlm.batch_loss(model, batch, args, rng)[0].backward()
+    plain = [p.grad.clone() if p.grad is not None else None for p in params]
+    weights = [p.detach().clone() for p in params]
+    vlm.sharpness_aware_grads(model, batch, params, args, rng, states)
+    for p, g, w in zip(params, plain, weights):
+        assert torch.equal(p.detach(), w)  # restored exactly
+        if g is not None:
+            assert torch.allclose(p.grad, g, atol=1e-6), "the second pass drew other drop-path masks"
+
+
+def test_sam_balances_the_router_on_the_first_pass_routing(tmp_path, monkeypatch):
+    """The bias update counts the experts of the unperturbed pass, not of SAM's second one."""
+    import copy
+
+    from nanoseek.train.balance import moe_layers
+    from nanoseek.train.optim import build_optimizer
+
+    model, batch, args = _tiny_model(tmp_path, "--sam", "0.05")
+    twin = copy.deepcopy(model)
+
+    def second_pass_routes_all_to_expert_0(model, *rest):
+        for _, moe in moe_layers(model):
+            if moe.last_topk_idx is not None:
+                moe.last_topk_idx = torch.zeros_like(moe.last_topk_idx)
+
+    monkeypatch.setattr(vlm, "sharpness_aware_grads", second_pass_routes_all_to_expert_0)
+    torch.manual_seed(0)  # the same drop-path draws in both
+    vlm.train_step(model, batch, build_optimizer(model, lr=0.0, weight_decay=0.0), 0.0, args, np.random.default_rng(0))
+    args.sam = 0.0
+    torch.manual_seed(0)
+    vlm.train_step(twin, batch, build_optimizer(twin, lr=0.0, weight_decay=0.0), 0.0, args, np.random.default_rng(0))
+    for (_, a), (_, b) in zip(moe_layers(model), moe_layers(twin)):
+        assert torch.equal(a.gate.e_score_correction_bias, b.gate.e_score_correction_bias)

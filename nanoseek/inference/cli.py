@@ -63,7 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..checkpoint import CheckpointError, load
     from ..config import ConfigError
-    from ..image import ImageError, chat_prompt
     from ..runtime import DeviceError, pick_device, set_threads
     from ..tokenizer import Tokenizer, TokenizerError
     from .generate import engine_and_requests
@@ -86,6 +85,10 @@ def run(args) -> int:
         print(f"nanoseek generate: the prompt on stdin is not text in its encoding ({e})", file=sys.stderr)
         return 2
     prompts, images = [], []
+    image_errors: tuple = ()
+    if args.image:  # only images need Pillow (the `vision` extra)
+        from ..image import ImageError, chat_prompt
+        image_errors = (ImageError,)
     system = [{"role": "system", "content": args.system}] if args.system else []
     try:
         for text in texts:
@@ -98,7 +101,7 @@ def run(args) -> int:
                 prompts.append(tokenizer.encode_chat(system + [{"role": "user", "content": text}]))
             else:
                 prompts.append(tokenizer.encode(text, bos=not args.no_bos and tokenizer.bos_id is not None))
-    except (ImageError, TokenizerError) as e:  # a bad image, or a prompt that is not UTF-8
+    except (*image_errors, TokenizerError) as e:  # a bad image, or a prompt that is not UTF-8
         print(f"nanoseek generate: {e}", file=sys.stderr)
         return 2
     stop_ids = [] if args.ignore_eos else sorted({*model.config.eos_token_ids, *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])})

@@ -159,7 +159,8 @@ def filter_logits(logits: torch.Tensor, s: SamplingBatch) -> torch.Tensor:
     top_p = s.top_p.view(-1, 1, 1)
     # keep the smallest prefix reaching top_p (a token goes once the mass before it reaches top_p,
     # as transformers and vLLM: 2 of 4 equal tokens for 0.5); skipped at 1 where rounding could bite
-    remove = remove | ((top_p < 1) & (probs.cumsum(dim=-1) - probs >= top_p))
+    # the most likely token always stays, even for a top_p so small it rounds to 0 in fp32
+    remove = remove | ((top_p < 1) & (probs.cumsum(dim=-1) - probs >= top_p) & (rank > 0))
     probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
     remove = remove | (probs < s.min_p.view(-1, 1, 1) * probs[..., :1])
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))

@@ -151,8 +151,10 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q, k (B, H, T, d), v (B, H, T, dv) -> (B, H, T, dv). Queries go in blocks of ATTENTION_BLOCK_ROWS;
     block i attends only to keys 0..end of block i, so the work above the diagonal is skipped. Each
     block's scores are one baddbmm over every head, which also applies the scale; only the block's
-    diagonal tile needs the causal mask. Softmax takes the scores in their own dtype: PyTorch's CPU
-    kernel computes in fp32 for bf16/fp16 input (bitwise what an fp32 copy would give), so no copies.
+    diagonal tile needs the causal mask. Softmax computes in fp32 or wider whatever the input dtype:
+    without autograd it takes bf16/fp16 scores as they are (PyTorch's CPU kernel computes them in
+    fp32 and rounds once, the same bits as an fp32 copy, without the copies); with autograd it runs
+    on an fp32 copy, so that the backward pass reads fp32 probabilities, as the fused kernels'.
     """
     B, H, T, d = q.shape
     rows = ATTENTION_BLOCK_ROWS
@@ -161,6 +163,8 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     v_NTd = v.reshape(B * H, T, v.shape[-1])
     hidden = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)  # key after query
     zero = q.new_zeros(())  # beta=0 ignores baddbmm's input, so a broadcast scalar stands in for it
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    score_dtype = torch.promote_types(q.dtype, torch.float32)
     heads = max(1, ATTENTION_BLOCK_VALUES // (rows * T))  # of the B*H folded heads, per block
     head_chunks = -(-B * H // heads)
     out = []
@@ -171,7 +175,8 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             scores = torch.baddbmm(zero.expand(q_block.shape[0], end - start, end), q_block,
                                    k_NdT[h : h + heads, :, :end], beta=0, alpha=scale)
             scores[..., start:end].masked_fill_(hidden[: end - start, : end - start], float("-inf"))
-            out.append(torch.bmm(scores.softmax(dim=-1), v_NTd[h : h + heads, :end]))
+            probs = scores.softmax(dim=-1) if not grad else scores.to(score_dtype).softmax(dim=-1).to(v.dtype)
+            out.append(torch.bmm(probs, v_NTd[h : h + heads, :end]))
     if head_chunks > 1:  # blocks were also split by heads: regroup them by query block
         out = [torch.cat(out[i : i + head_chunks]) for i in range(0, len(out), head_chunks)]
     return torch.cat(out, dim=1).view(B, H, T, -1)

@@ -180,43 +180,65 @@ def train_step(model: DeepSeekModel, batch, optimizer, lr: float, args, rng: np.
     for group in optimizer.param_groups:
         group["lr"] = lr
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    rng_state = rng.bit_generator.state
+    # the draws of this pass (mixup's, drop-path's), for SAM's second pass to repeat
+    rng_state, torch_state = rng.bit_generator.state, torch_rng_states(model.device)
     loss, ids = batch_loss(model, batch, args, rng)
+    # replies differ in length, so rows end in padding, which must not count as expert load
+    real = unpadded(ids, pad_id) if (pad_id := model.config.pad_token_id) is not None else None
+    # counted now, on this pass's routing: SAM's second pass routes at perturbed weights
+    # (an MTP module's MoE, from a text model given to --init, never runs here)
+    counts = [(moe, routed_counts(moe, token_mask(moe, real))) for _, moe in moe_layers(model)
+              if moe.last_topk_idx is not None]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if args.sam > 0:
-        sharpness_aware_grads(model, batch, params, args, rng, rng_state)
+        sharpness_aware_grads(model, batch, params, args, rng, (rng_state, torch_state))
     torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     optimizer.step()
-    # replies differ in length, so rows end in padding, which must not count as expert load
-    real = unpadded(ids, pad_id) if (pad_id := model.config.pad_token_id) is not None else None
-    for _, moe in moe_layers(model):  # DeepSeek-V3's auxiliary-loss-free balancing, on the real tokens
-        if moe.last_topk_idx is not None:  # an MTP module's MoE (a text model given to --init) never runs here
-            update_router_bias(moe, routed_counts(moe, token_mask(moe, real)), args.bias_update_rate)
+    for moe, expert_counts in counts:  # DeepSeek-V3's auxiliary-loss-free balancing, on the real tokens
+        update_router_bias(moe, expert_counts, args.bias_update_rate)
     return loss.item()
 
 
+def torch_rng_states(device: torch.device) -> tuple:
+    """torch's CPU generator state, and the GPU's when the model is on one (drop-path draws there)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.random.get_rng_state(), cuda, device
+
+
+def set_torch_rng_states(states: tuple) -> None:
+    cpu, cuda, device = states
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
 def sharpness_aware_grads(model: DeepSeekModel, batch, params: list[torch.nn.Parameter], args,
-                          rng: np.random.Generator, rng_state: dict) -> None:
+                          rng: np.random.Generator, states: tuple) -> None:
     """SAM (Foret et al., 2021): replace the gradients in `params` by those taken at the worst point
-    within distance args.sam of the weights, w + sam * g / |g|, on the same batch (the same mixup
-    draw). ViTs trained from scratch on little data generalise markedly better with it (Chen et al.,
-    2022, "When Vision Transformers Outperform ResNets without Pretraining or Strong Data
+    within distance args.sam of the weights, w + sam * g / |g|, on the same batch with the same
+    random draws (mixup's from `rng`, drop-path's from torch's generator: `states` holds both as
+    they were before the first pass). Proposed for ViTs trained from scratch on little data (Chen
+    et al., 2022, "When Vision Transformers Outperform ResNets without Pretraining or Strong Data
     Augmentations"); it costs a second forward and backward per step."""
+    rng_state, torch_state = states
     with_grad = [p for p in params if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in with_grad]))
     scale = args.sam / (norm + 1e-12)
     with torch.no_grad():
-        steps = [p.grad * scale for p in with_grad]
-        for p, e in zip(with_grad, steps):
-            p.add_(e)
+        saved = [p.detach().clone() for p in with_grad]  # restored exactly, whatever the weights' dtype
+        for p in with_grad:
+            p.add_(p.grad * scale)
     for p in with_grad:
         p.grad = None
     rng.bit_generator.state = rng_state
+    after_first = torch_rng_states(model.device)
+    set_torch_rng_states(torch_state)
     batch_loss(model, batch, args, rng)[0].backward()
+    set_torch_rng_states(after_first)  # the stream goes on as without SAM
     with torch.no_grad():
-        for p, e in zip(with_grad, steps):
-            p.sub_(e)
+        for p, w in zip(with_grad, saved):
+            p.copy_(w)
 
 
 class EMA:
