@@ -130,6 +130,8 @@ def _weight_files(path: Path) -> list[Path]:
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
     """e4m3 weight (out, in) times its per-block scale (ceil(out/128), ceil(in/128)) -> fp32."""
+    if weight.dim() != 2:
+        raise CheckpointError(f"block-scaled fp8 weights are matrices, not of shape {tuple(weight.shape)}")
     out_dim, in_dim = weight.shape
     rows = (out_dim + block - 1) // block
     cols = (in_dim + block - 1) // block
@@ -215,17 +217,20 @@ def load_weights(model: DeepSeekModel, path: str | os.PathLike) -> None:
                             unexpected.append(key)
                         continue
                     tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != target.shape:  # checked first: dequantising keeps the shape
+                        raise CheckpointError(
+                            f"tensor {key} in {file.name} has shape {tuple(tensor.shape)}, "
+                            f"but the config expects {target.shape}"
+                        )
                     if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                         scale_key = key + "_scale_inv"
                         scale = f.get_tensor(scale_key) if scale_key in key_set else _find_tensor(scale_key, files)
                         if scale is None:
                             raise CheckpointError(f"{file.name}: fp8 tensor {key} has no {scale_key}")
-                        tensor = dequantize_fp8(tensor, scale)
-                    if tuple(tensor.shape) != target.shape:
-                        raise CheckpointError(
-                            f"tensor {key} in {file.name} has shape {tuple(tensor.shape)}, "
-                            f"but the config expects {target.shape}"
-                        )
+                        try:
+                            tensor = dequantize_fp8(tensor, scale)
+                        except CheckpointError as e:  # which of the checkpoint's tensors, and where
+                            raise CheckpointError(f"fp8 tensor {key} in {file.name}: {e}") from e
                     target.write(tensor)
                     filled.add(key)
                     filled.update(target.covers)
@@ -326,12 +331,12 @@ def save(
         config["dtype"] = str(dtype or model.dtype).removeprefix("torch.")
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+            _save_shard(shards[0], tmp / SINGLE_FILE)
         else:
             weight_map, total = {}, 0
             for i, shard in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                _save_shard(shard, tmp / name)
                 for key, t in shard.items():
                     weight_map[key] = name
                     total += t.numel() * t.element_size()
@@ -348,6 +353,19 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """save_file, with a failed write raised as the OSError it is: safetensors reports a full disk
+    (any I/O error) as its own SafetensorError, which the commands would show as a traceback
+    instead of their one-line message naming the path."""
+    try:
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise OSError(f"could not write {file}: {e}") from e
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(file)) from e
 
 
 def replace_dir(src: Path, dst: Path) -> None:

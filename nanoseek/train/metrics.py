@@ -87,7 +87,7 @@ class MetricsLog:
     """metrics.jsonl, one JSON object per logged step; TensorBoard scalars when tensorboard is installed.
 
     Resuming at step S keeps the lines with step <= S and drops the rest, which a killed run may
-    have written after its last checkpoint.
+    have written after its last checkpoint; a fresh run starts both logs empty.
     """
 
     def __init__(self, folder: str | Path, resume_step: int | None = None):
@@ -111,7 +111,11 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(Path(folder) / "tensorboard"), purge_step=resume_step)
+            # TensorBoard hides every event at or after purge_step: a resumed run's first step is
+            # resume_step + 1 (the checkpoint's own step stays, as in metrics.jsonl), and a fresh one
+            # hides what an earlier run in this folder, killed before any checkpoint, logged
+            purge_step = (resume_step or 0) + 1
+            self.tensorboard = SummaryWriter(str(Path(folder) / "tensorboard"), purge_step=purge_step)
         except ImportError:
             pass
 

@@ -3,8 +3,8 @@
 DeepSeek-V3 (section 4.2): AdamW with beta1 0.9, beta2 0.95, weight decay 0.1; warmup, a constant
 phase, then decay. Norm weights and biases are not decayed (decaying a gain towards 0 only fights
 the normalisation). Two schedules after a linear warmup: cosine to min_lr, and WSD
-(warmup-stable-decay: constant, then a linear decay over the last decay_frac of training), which
-suits runs whose length is set by a time budget.
+(warmup-stable-decay: constant, then a linear decay over the last decay_frac of training, never
+starting before the warmup ends), which suits runs whose length is set by a time budget.
 """
 
 import math
@@ -45,7 +45,9 @@ def lr_at(step: int, *, max_lr: float, total_steps: int, warmup_steps: int, sche
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
     if schedule == "wsd":
-        decay_start = total_steps - int(decay_frac * total_steps)
+        # never inside the warmup: a decay reaching back into it made the ramp climb to max_lr and
+        # drop straight back (decay_frac 1: 0.8, 0.9, 1.0, then 0.9 at the first step after it)
+        decay_start = max(warmup_steps, total_steps - int(decay_frac * total_steps))
         if step < decay_start:
             return max_lr
         progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))

@@ -110,6 +110,12 @@ class Settings:
             fail("dtype", f"must be one of {', '.join(DTYPES)}")
         if mtp_modules is not None and self.mtp_depth > mtp_modules:
             fail("mtp_depth", f"the model has {mtp_modules} MTP module(s) (num_nextn_predict_layers)")
+        # MTP depth k predicts the token k+1 ahead: a window of k tokens or fewer has none to predict
+        # (its module would run on an empty sequence and crash). Checked once the depth is final:
+        # sft caps it to the model's modules after its first, model-less check.
+        if mtp_modules is not None and self.mtp_depth and self.seq_len <= self.mtp_depth:
+            fail("seq_len", f"must be longer than --mtp-depth {self.mtp_depth} (the MTP modules predict up to "
+                            f"{self.mtp_depth + 1} tokens ahead)")
         if context is not None and self.seq_len > context:  # positions past it were never meant to be seen
             fail("seq_len", f"longer than the model's context ({context} positions, max_position_embeddings)")
 
