@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 import weakref
@@ -81,9 +82,11 @@ def cache_budget_bytes() -> int:
         megabytes = float(raw) if raw else DEFAULT_CACHE_MB
     except ValueError:
         raise ValueError(f"NANOSEEK_CACHE_MB must be a number of megabytes, got {raw!r}") from None
-    if megabytes < 0:
+    # NaN passed `< 0`, and int() of it (or of inf) then failed every ahead-of-time build, which fell
+    # back to torch.compile with a warning about converting a float; "inf" means no limit
+    if not megabytes >= 0:
         raise ValueError(f"NANOSEEK_CACHE_MB must be 0 or more, got {raw!r}")
-    return int(megabytes * 2**20)
+    return sys.maxsize if megabytes == float("inf") else int(megabytes * 2**20)
 
 
 def prune_cache(folder: Path, keep: Path, budget: int) -> list[Path]:

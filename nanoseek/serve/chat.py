@@ -109,11 +109,15 @@ def converse(generator, args, params: SamplingParams) -> int:
             messages.pop()
             print(f"({e}; the message was not sent)", flush=True)
             continue
+        if reply is None:  # the engine failed it: the turn is not kept, the conversation goes on
+            messages.pop()
+            continue
         messages.append({"role": "assistant", "content": reply})
 
 
-def stream_reply(generator, prompt: list[int], params: SamplingParams, max_tokens: int) -> str:
-    """Print the reply as it arrives; returns its text (what arrived, if stopped with Ctrl-C)."""
+def stream_reply(generator, prompt: list[int], params: SamplingParams, max_tokens: int) -> str | None:
+    """Print the reply as it arrives; returns its text (what arrived, if stopped with Ctrl-C), or
+    None when the engine failed it (said in a line)."""
     events: queue.Queue = queue.Queue()
     started = time.perf_counter()
     generation = generator.submit(prompt, params, max_tokens=max_tokens, on_text=lambda d, e: events.put((d, e)))
@@ -132,6 +136,10 @@ def stream_reply(generator, prompt: list[int], params: SamplingParams, max_token
     out = len(request.tokens)
     first = request.first_token_at or started
     rate = (out - 1) / (request.finished_at - first) if out > 1 and request.finished_at else 0.0
+    if request.finish_reason == "error":  # else a failed reply looked like a finished one and joined the history
+        why = (request.error or "").strip().splitlines()[-1:] or ["unknown error"]
+        print(f"\n(the reply failed: {why[0]}; it was not kept)", flush=True)
+        return None
     stopped = {"length": ", cut at max tokens", "cancelled": ", stopped"}.get(request.finish_reason, "")
     print(f"\n({len(prompt)} tokens in, {out} out, {rate:.1f} tokens/s{stopped})", flush=True)
     return reply

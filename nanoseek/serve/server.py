@@ -97,7 +97,10 @@ def create_app(generator: TextGenerator, *, model_name: str, api_key: str | None
     def check_key(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        given = request.headers.get("authorization", "").strip()
+        scheme, _, credentials = given.partition(" ")
+        if scheme.lower() == "bearer":  # the scheme is case-insensitive (RFC 7235): "bearer KEY" is the same
+            given = credentials.strip()
         if not secrets.compare_digest(given.encode(), api_key.encode()):
             raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
@@ -469,8 +472,13 @@ def flag_error(args) -> str | None:
         value = getattr(args, flag)
         if value is not None and value < least:
             return f"--{flag.replace('_', '-')} must be at least {least}, got {value}"
-    if args.stream_interval < 0:
-        return f"--stream-interval must be 0 or more seconds, got {args.stream_interval}"
+    # NaN passed `< 0` and then stopped every stream between its first token and its end
+    if not 0 <= args.stream_interval < math.inf:
+        return f"--stream-interval must be a finite number of seconds, 0 or more, got {args.stream_interval}"
+    # an empty key made every request pass the check (and silenced the warning for a public --host);
+    # a header value loses surrounding whitespace, so such a key could never be matched
+    if args.api_key is not None and (not args.api_key or args.api_key != args.api_key.strip()):
+        return f"--api-key must be a non-empty key without surrounding whitespace, got {args.api_key!r}"
     return None
 
 

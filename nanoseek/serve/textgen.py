@@ -104,8 +104,9 @@ def load_generator(path, *, dtype: str | None = None, max_batch_size: int = 8, m
     # warm up before the first client: one request; when compiling, every batch size a compiled step
     # is built for (powers of two up to max_batch_size, see inference/aot.py), greedy and sampled,
     # running past an attention block, so clients never wait for a build (each costs seconds)
-    ids = tokenizer.encode("Hello", bos=True)
-    engine.submit(ids, max_new_tokens=2)
+    # cut to fit: a context the flags allow (down to 2 tokens) must not fail the load on the warm-up itself
+    ids = tokenizer.encode("Hello", bos=True)[: max(1, engine.max_seq_len - 2)]
+    engine.submit(ids, max_new_tokens=min(2, engine.max_seq_len - len(ids)))
     engine.run_until_done()
     if compile:
         n = min(ATTEND_BLOCK + 2, engine.max_seq_len - len(ids))

@@ -96,17 +96,22 @@ class RemoteEngine:
                ignore_eos: bool, on_text: Callable | None, images: list | None) -> RemoteRequest:
         prompt, images = list(prompt), list(images or [])
         self.limits.check(prompt, max_new_tokens, None, images)  # raises ValueError like Engine.submit
-        if not self.alive:
-            raise EngineStopped(f"the engine process has stopped: {self._dead or 'exited'}")
-        with self._lock:
+        # images cross as numpy arrays: pickled torch tensors would travel through shared-memory
+        # file descriptors, a second channel with its own failure modes
+        plain_images = [(im.views.numpy(), im.tiles) for im in images]
+        with self._lock:  # the reader fails all requests under this lock: a new one is either failed or refused
+            if not self.alive:
+                raise EngineStopped(f"the engine process has stopped: {self._dead or 'exited'}")
             rid, self._next_id = self._next_id, self._next_id + 1
             request = self._requests[rid] = RemoteRequest(rid, prompt, on_text)
         if not any(stop_strings):
             request.text = TextDecoder(self._tokenizer)
-        # images cross as numpy arrays: pickled torch tensors would travel through shared-memory
-        # file descriptors, a second channel with its own failure modes
-        plain_images = [(im.views.numpy(), im.tiles) for im in images]
-        self._send(("submit", rid, prompt, params, max_new_tokens, list(stop_strings), ignore_eos, plain_images))
+        try:
+            self._send(("submit", rid, prompt, params, max_new_tokens, list(stop_strings), ignore_eos, plain_images))
+        except (OSError, EOFError) as e:  # the child died after the check (a broken pipe): 503, not a 500
+            with self._lock:
+                self._requests.pop(rid, None)
+            raise EngineStopped(f"the engine process has stopped: {self._dead or e}") from None
         return request
 
     def cancel(self, request: RemoteRequest | int) -> None:
@@ -178,8 +183,8 @@ class RemoteEngine:
                 _call_back(request, delta, Event(rid, tokens, finished, reason))
 
     def _fail_all(self, why: str) -> None:
-        self._dead = why
         with self._lock:
+            self._dead = why
             failed, self._requests = list(self._requests.values()), {}
         for request in failed:
             request.finish_reason, request.error, request.finished_at = "error", why, time.perf_counter()
