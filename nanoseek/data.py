@@ -190,7 +190,7 @@ def prepare_shards(
     """Tokenize the corpus into out_dir/{train,val}-NNNNN.bin + meta.json; returns the metadata.
     extra_meta is recorded in meta.json too (how the caller made the tokenizer, say)."""
     out_dir = Path(os.path.abspath(out_dir))  # "." has no name to make a temporary sibling from
-    if out_dir.exists() and not _replaceable(out_dir):
+    if out_dir.exists() and not _replaceable(out_dir, tokenizer):
         # it is replaced as a whole: never delete what is not shards (the corpus itself, say)
         raise DataError(f"{out_dir} exists and holds more than shards and a tokenizer: refusing to replace it; "
                         "choose another folder for the shards")
@@ -295,10 +295,20 @@ class _ShardWriter:
 _SHARD_FOLDER_FILE = re.compile(r"(meta\.json|tokenizer(_config)?\.json|(train|val)-\d+\.bin)")
 
 
-def _replaceable(folder: Path) -> bool:
-    """A folder of shards (and the tokenizer saved beside them, or given for them), or empty."""
-    return folder.is_dir() and all(entry.is_file() and _SHARD_FOLDER_FILE.fullmatch(entry.name)
-                                   for entry in folder.iterdir())
+def _replaceable(folder: Path, tokenizer: Tokenizer) -> bool:
+    """A folder of shards (and the tokenizer saved beside them), a folder holding just the tokenizer
+    that is being written (given with --tokenizer), or an empty one. A tokenizer folder of another
+    tokenizer, without shards, is someone's work: it stays."""
+    if not folder.is_dir() or not all(entry.is_file() and _SHARD_FOLDER_FILE.fullmatch(entry.name)
+                                      for entry in folder.iterdir()):
+        return False
+    saved = folder / "tokenizer.json"
+    if (folder / META).is_file() or not saved.is_file():
+        return True
+    try:
+        return saved.read_text(encoding="utf-8") == tokenizer.files()["tokenizer.json"]
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def read_meta(folder: str | os.PathLike) -> dict:

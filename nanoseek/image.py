@@ -124,12 +124,13 @@ def _b64decode(text: str, max_bytes: int, name: str) -> bytes:
 
 # the first bytes of the common formats: an image that Pillow cannot even open (a corrupt header)
 # is still an image, and its error should say so
-_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+# (signatures long enough that ordinary text decoded as base64 does not match them by chance)
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 
 
 def _is_image(data: bytes) -> bool:
     """Whether the bytes begin like an image of any format Pillow knows (header only)."""
-    if data.startswith(_IMAGE_MAGIC):
+    if data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
         return True
     try:
         with warnings.catch_warnings():

@@ -241,3 +241,18 @@ def test_generate_runs_without_pillow(tmp_path, monkeypatch, capsys):
     for name in ("PIL", "PIL.Image", "nanoseek.image"):
         monkeypatch.setitem(sys.modules, name, None)  # as without the `vision` extra
     assert main(["generate", str(tmp_path / "m"), "--prompt", "hello", "--max-new-tokens", "3"]) == 0  # was status 2
+
+
+def test_a_folder_of_another_tokenizer_is_not_replaced_by_shards(tmp_path, tok):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n" * 50)
+    other = Tokenizer.train(["something else entirely, with other merges"] * 30, 300)
+    other.save(tmp_path / "run" / "data")  # `nanoseek tokenizer ... --out run/data`, then train without --tokenizer
+    with pytest.raises(DataError, match="holds more than shards"):
+        prepare_shards(corpus, tok, tmp_path / "run" / "data")
+    assert Tokenizer.load(tmp_path / "run" / "data").files() == other.files()  # was deleted
+
+
+def test_text_that_decodes_to_two_bmp_letters_is_not_called_an_image():
+    with pytest.raises(ImageError, match="not base64 of an image either"):  # was "unreadable image"
+        load_image("Qk0" + "a" * 61)

@@ -79,6 +79,26 @@ def test_a_submit_into_an_engine_process_that_just_died_is_engine_stopped():
     ours.close()
 
 
+def test_a_submit_the_reader_failed_while_it_was_sent_returns_the_failed_request():
+    """The reader fails every request (and calls its callback) between the submit's registration and
+    its failed send: the caller gets that failed request, not EngineStopped for a request whose
+    callback already ran (the server then found no generation for the callback's index)."""
+    limits = RequestLimits(vocab_size=64, max_seq_len=32, max_cached_tokens=32, draft_tokens=0, eos_token_ids=(1,))
+    info = {"config": None, "limits": limits, "max_batch_size": 1, "stats": {"waiting": 0, "running": 0}}
+    events = []
+
+    class DyingPipe:
+        def send(self, message):
+            engine._fail_all("the engine process exited")
+            raise BrokenPipeError(32, "Broken pipe")
+
+    engine = RemoteEngine(types.SimpleNamespace(is_alive=lambda: True), DyingPipe(), info, tokenizer=None)
+    request = engine.submit([5, 6], SamplingParams(), max_new_tokens=2, stop_strings=["\n"], ignore_eos=False,
+                            on_text=lambda delta, event: events.append(event), images=None)
+    assert request.finish_reason == "error" and len(events) == 1 and events[0].finished
+    assert engine._requests == {}
+
+
 def test_a_chat_reply_the_engine_failed_is_said_and_not_kept(tiny_served_model, monkeypatch, capsys):
     generators = []
 

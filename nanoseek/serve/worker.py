@@ -110,7 +110,9 @@ class RemoteEngine:
             self._send(("submit", rid, prompt, params, max_new_tokens, list(stop_strings), ignore_eos, plain_images))
         except (OSError, EOFError) as e:  # the child died after the check (a broken pipe): 503, not a 500
             with self._lock:
-                self._requests.pop(rid, None)
+                ours = self._requests.pop(rid, None) is not None
+            if not ours:  # the reader failed it already and told its callback: the caller sees that
+                return request
             raise EngineStopped(f"the engine process has stopped: {self._dead or e}") from None
         return request
 
