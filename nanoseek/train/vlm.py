@@ -40,6 +40,7 @@ from .checkpoint import report_user_errors
 from .vlm_data import ClassTask, Example, VLMDataError, make_batch, medmnist_examples, read_jsonl
 from .trainer import unpadded
 from .vlm_eval import evaluate
+from .vlm_teacher import Distiller, train_teacher
 
 TRAIN_INFO = "vlm_train.json"  # written beside the weights: the task, the arguments, the history
 
@@ -167,22 +168,49 @@ def mixup_loss(model: DeepSeekModel, batch, args, rng: np.random.Generator) -> t
     return loss, both_ids
 
 
-def batch_loss(model: DeepSeekModel, batch, args, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's reply loss (mixup's when on) and the (B or 2B, T) ids the language model read."""
+def distill_loss(model: DeepSeekModel, batch, distiller: Distiller, args) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """DeiT's hard distillation for answers in words: (1 - w) * the loss of each image's own reply +
+    w * the loss of the reply naming the class the teacher picks for the same augmented view, both
+    read after one vision pass. Returns the loss and the (2B, T) ids the language model read; None
+    when an image's layout differs from the teacher rows' (tiling)."""
+    rows = distiller.teacher_rows(batch)
+    if rows is None:
+        return None
+    taught_ids, taught_targets = rows
+    T = max(batch.input_ids.shape[1], taught_ids.shape[1])
+    own_ids, own_targets, taught_ids, taught_targets = (
+        F.pad(t, (0, T - t.shape[1]), value=fill) for t, fill in ((batch.input_ids, distiller.pad_id), (batch.targets, -100),
+                                                                  (taught_ids, distiller.pad_id), (taught_targets, -100)))
+    image_embeds = model.vision(batch.images)
+    both_ids = torch.cat([own_ids, taught_ids])  # row i and row B + i read the same view
+    embeds = merge_image_embeds(model.embed(both_ids), both_ids == model.config.image_token_id,
+                                torch.cat([image_embeds, image_embeds]))
+    own_logits, taught_logits = model(inputs_embeds=embeds).chunk(2)
+    w = distiller.weight
+    return (1 - w) * reply_loss(own_logits, own_targets, args) + w * reply_loss(taught_logits, taught_targets, args), both_ids
+
+
+def batch_loss(model: DeepSeekModel, batch, args, rng: np.random.Generator,
+               distiller: Distiller | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's reply loss (mixup's or distillation's when on) and the (B or 2B, T) ids the
+    language model read."""
     mixed = mixup_loss(model, batch, args, rng) if args.mixup > 0 else None
+    if mixed is None and distiller is not None:
+        mixed = distill_loss(model, batch, distiller, args)
     if mixed is None:
         logits = model(inputs_embeds=model.embed_multimodal(batch.input_ids, batch.images))
         return reply_loss(logits, batch.targets, args), batch.input_ids
     return mixed
 
 
-def train_step(model: DeepSeekModel, batch, optimizer, lr: float, args, rng: np.random.Generator) -> float:
+def train_step(model: DeepSeekModel, batch, optimizer, lr: float, args, rng: np.random.Generator,
+               distiller: Distiller | None = None) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # the draws of this pass (mixup's, drop-path's), for SAM's second pass to repeat
     rng_state, torch_state = rng.bit_generator.state, torch_rng_states(model.device)
-    loss, ids = batch_loss(model, batch, args, rng)
+    loss, ids = batch_loss(model, batch, args, rng, distiller)
     # replies differ in length, so rows end in padding, which must not count as expert load
     real = unpadded(ids, pad_id) if (pad_id := model.config.pad_token_id) is not None else None
     # counted now, on this pass's routing: SAM's second pass routes at perturbed weights
@@ -192,7 +220,7 @@ def train_step(model: DeepSeekModel, batch, optimizer, lr: float, args, rng: np.
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if args.sam > 0:
-        sharpness_aware_grads(model, batch, params, args, rng, (rng_state, torch_state))
+        sharpness_aware_grads(model, batch, params, args, rng, (rng_state, torch_state), distiller)
     torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     optimizer.step()
     for moe, expert_counts in counts:  # DeepSeek-V3's auxiliary-loss-free balancing, on the real tokens
@@ -214,7 +242,7 @@ def set_torch_rng_states(states: tuple) -> None:
 
 
 def sharpness_aware_grads(model: DeepSeekModel, batch, params: list[torch.nn.Parameter], args,
-                          rng: np.random.Generator, states: tuple) -> None:
+                          rng: np.random.Generator, states: tuple, distiller: Distiller | None = None) -> None:
     """SAM (Foret et al., 2021): replace the gradients in `params` by those taken at the worst point
     within distance args.sam of the weights, w + sam * g / |g|, on the same batch with the same
     random draws (mixup's from `rng`, drop-path's from torch's generator: `states` holds both as
@@ -234,7 +262,7 @@ def sharpness_aware_grads(model: DeepSeekModel, batch, params: list[torch.nn.Par
     rng.bit_generator.state = rng_state
     after_first = torch_rng_states(model.device)
     set_torch_rng_states(torch_state)
-    batch_loss(model, batch, args, rng)[0].backward()
+    batch_loss(model, batch, args, rng, distiller)[0].backward()
     set_torch_rng_states(after_first)  # the stream goes on as without SAM
     with torch.no_grad():
         for p, w in zip(with_grad, saved):
@@ -316,6 +344,20 @@ def _batch_stream(train, weights, tok, vcfg, args, generator, rng, device) -> It
             yield batch.to(device)
 
 
+def make_distiller(train: list[Example], task: ClassTask | None, weights, model: DeepSeekModel, tok: Tokenizer,
+                   vcfg: VisionConfig, args, device: torch.device) -> Distiller:
+    """Train the convolutional teacher (vlm_teacher.py) on the training split, with its own draws
+    of examples and augmentations, so that the VLM's data stream is the same with or without it."""
+    if task is None:
+        raise VLMDataError("--distill needs class labels: a MedMNIST .npz (its teacher is a classifier)")
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    rng = np.random.default_rng(args.seed + 1)
+    teacher = train_teacher(train, len(task.class_names), vcfg, epochs=args.teacher_epochs, batch_size=args.batch_size,
+                            order=lambda: epoch_order(len(train), weights, generator), rng=rng if args.augment else None,
+                            device=device)
+    return Distiller.build(teacher, args.distill, task, train[0], tok, vcfg, device)
+
+
 def check_settings(args) -> None:
     """Refuse training flags outside their meaning before any work (they were tracebacks from deep
     inside torch, or silently trained something else)."""
@@ -328,10 +370,14 @@ def check_settings(args) -> None:
               ("--warmup-steps", args.warmup_steps, args.warmup_steps >= 0, "at least 0"),
               ("--grad-clip", args.grad_clip, args.grad_clip > 0, "above 0"),
               ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "at least 0"),
-              ("--max-minutes", args.max_minutes, args.max_minutes > 0, "above 0")]
+              ("--max-minutes", args.max_minutes, args.max_minutes > 0, "above 0"),
+              ("--distill", args.distill, 0 <= args.distill <= 1, "between 0 and 1"),
+              ("--teacher-epochs", args.teacher_epochs, args.teacher_epochs >= 1, "at least 1")]
     for flag, value, ok, rule in ranges:
         if not ok or value != value:  # value != value: NaN
             raise VLMDataError(f"{flag} must be {rule}, got {value}")
+    if args.distill and args.mixup:
+        raise VLMDataError("--distill and --mixup each replace the reply loss: choose one")
 
 
 def run_training(args) -> dict:
@@ -362,7 +408,9 @@ def run_training(args) -> dict:
           f"{len(train)} train / {len(val)} val examples" + (f"; task {task.name}: {task.class_names}" if task else ""))
     info = {"args": vars(args), "task": task.__dict__ if task else None, "history": []}
     best, best_metrics = None, {}
-    stream = batches(train, class_weights(train, val, args.balance), tok, vcfg, args, generator, rng, device)
+    weights = class_weights(train, val, args.balance)
+    distiller = make_distiller(train, task, weights, model, tok, vcfg, args, device) if args.distill else None
+    stream = batches(train, weights, tok, vcfg, args, generator, rng, device)
     model.train()
     out_of_time = False
     for stage, total, max_lr in ((1, args.projector_steps, args.projector_lr), (2, args.steps, args.lr)):
@@ -374,7 +422,7 @@ def run_training(args) -> dict:
         losses = []
         for step in range(total):
             lr = lr_at(step, max_lr=max_lr, total_steps=total, warmup_steps=min(args.warmup_steps, total // 5 + 1))
-            losses.append(train_step(model, next(stream), optimizer, lr, args, rng))
+            losses.append(train_step(model, next(stream), optimizer, lr, args, rng, distiller))
             if ema is not None:
                 ema.update(model)
             out_of_time = time.perf_counter() > deadline
@@ -440,6 +488,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="mixup of image pairs with Beta(a, a) weights, both replies learned in proportion (0: off)")
     g.add_argument("--sam", type=float, default=0.0,
                    help="sharpness-aware minimisation radius (0: off); each step then costs two passes")
+    g.add_argument("--distill", type=float, default=0.0,
+                   help="weight of a convolutional teacher's answers (DeiT's hard distillation; 0: off): a small "
+                        "CNN is trained on the labels first, then the VLM learns its own reply and the teacher's")
+    g.add_argument("--teacher-epochs", type=int, default=60, help="--distill: the teacher's passes over the training split")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last vision block (0: off)")
     g.add_argument("--bias-update-rate", type=float, default=1e-3, help="router bias step (DeepSeek-V3's gamma)")
     g.add_argument("--balance", choices=("val", "classes", "none"), default="val",
