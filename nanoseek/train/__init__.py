@@ -6,4 +6,6 @@
 - checkpoint.py: training checkpoints (HF-layout weights + optimizer, schedule, RNG, data position), verified on resume
 - metrics.py: FLOPs and MFU, metrics.jsonl / TensorBoard, the end-of-run plot
 - pretrain.py, sft.py: the two commands
+- vlm.py, vlm_data.py, vlm_eval.py, vlm_teacher.py: `nanoseek train-vlm` and `eval-vlm` (image+text
+  training and its data, accuracy and AUC of generated answers, the teacher that `--distill` trains)
 """
