@@ -1,4 +1,4 @@
-"""Training: pretraining (`nanoseek train`) and supervised fine-tuning (`nanoseek sft`).
+"""Training: pretraining (`nanoseek train`), supervised fine-tuning (`nanoseek sft`), image+text (`nanoseek train-vlm`).
 
 - optim.py: AdamW with DeepSeek's settings and the learning-rate schedules (warmup + cosine or WSD)
 - balance.py: auxiliary-loss-free expert balancing (router bias updates) and the sequence-wise balance loss
