@@ -126,7 +126,8 @@ def test_a_chat_reply_the_engine_failed_is_said_and_not_kept(tiny_served_model, 
     # the second turn is the first one again: the failed reply did not join the conversation
     alone = len(generators[0].tokenizer.encode_chat([{"role": "user", "content": "Hello there"}]))
     turns = [line for line in out.splitlines() if "tokens in" in line]
-    assert len(turns) == 1 and f"({alone} tokens in, 3 out" in turns[0], out
+    # (how many tokens the reply then has depends on the fixture's weights: up to 3, fewer at an EOS)
+    assert len(turns) == 1 and f"({alone} tokens in, " in turns[0], out
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
