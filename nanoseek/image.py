@@ -63,9 +63,7 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_ENC
         elif isinstance(text, str) and len(text) >= 64 and _BASE64_RE.match(text[:4096]):
             try:
                 data, name = _b64decode(text, max_bytes, "base64 image"), "base64 image"
-            except ImageError as e:
-                if "invalid base64" not in str(e):
-                    raise
+            except _NotBase64:
                 data = b""
             if not _is_image(data):  # a long path of letters, '/' and '-' (no dot) is base64's alphabet too
                 raise ImageError(f"no such image file, and not base64 of an image either: {text[:200]!r}")
@@ -108,6 +106,10 @@ def decode_data_url(url: str, *, max_bytes: int = MAX_ENCODED_BYTES) -> bytes:
     return _b64decode(url[match.end():], max_bytes, "data URL")
 
 
+class _NotBase64(ImageError):
+    """The text is not base64 (as opposed to base64 over the size limit)."""
+
+
 def _b64decode(text: str, max_bytes: int, name: str) -> bytes:
     if len(text) * 3 // 4 > max_bytes:
         raise ImageError(f"{name}: about {len(text) * 3 // 4} bytes is over the {max_bytes}-byte limit")
@@ -119,7 +121,7 @@ def _b64decode(text: str, max_bytes: int, name: str) -> bytes:
             return base64.urlsafe_b64decode(text)
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ImageError(f"{name}: invalid base64 ({e})") from e
+        raise _NotBase64(f"{name}: invalid base64 ({e})") from e
 
 
 # the first bytes of the common formats: an image that Pillow cannot even open (a corrupt header)

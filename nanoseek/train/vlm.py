@@ -159,13 +159,20 @@ def mixup_loss(model: DeepSeekModel, batch, args, rng: np.random.Generator) -> t
     views = torch.stack([im.views for im in batch.images])  # (B, views, C, S, S)
     mixed = lam * views + (1 - lam) * views[other]
     images = [type(im)(v, im.tiles) for im, v in zip(batch.images, mixed)]
-    image_embeds = model.vision(images)
-    both_ids = torch.cat([batch.input_ids, batch.input_ids[other]])  # (2B, T): own replies, then the others'
-    both_images = torch.cat([image_embeds, image_embeds])  # row i and row B + i read the same mixed image
-    embeds = merge_image_embeds(model.embed(both_ids), both_ids == model.config.image_token_id, both_images)
-    own_logits, other_logits = model(inputs_embeds=embeds).chunk(2)
+    own_logits, other_logits, both_ids = two_replies(model, model.vision(images), batch.input_ids, batch.input_ids[other])
     loss = lam * reply_loss(own_logits, batch.targets, args) + (1 - lam) * reply_loss(other_logits, batch.targets[other], args)
     return loss, both_ids
+
+
+def two_replies(model: DeepSeekModel, image_embeds: torch.Tensor, first_ids: torch.Tensor,
+                second_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The language model over two (B, T) sets of reply rows after one vision pass: row i of each
+    set reads image i. -> logits of the first set, of the second, and the (2B, T) ids read."""
+    both_ids = torch.cat([first_ids, second_ids])
+    embeds = merge_image_embeds(model.embed(both_ids), both_ids == model.config.image_token_id,
+                                torch.cat([image_embeds, image_embeds]))
+    first_logits, second_logits = model(inputs_embeds=embeds).chunk(2)
+    return first_logits, second_logits, both_ids
 
 
 def distill_loss(model: DeepSeekModel, batch, distiller: Distiller, args) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -181,11 +188,7 @@ def distill_loss(model: DeepSeekModel, batch, distiller: Distiller, args) -> tup
     own_ids, own_targets, taught_ids, taught_targets = (
         F.pad(t, (0, T - t.shape[1]), value=fill) for t, fill in ((batch.input_ids, distiller.pad_id), (batch.targets, -100),
                                                                   (taught_ids, distiller.pad_id), (taught_targets, -100)))
-    image_embeds = model.vision(batch.images)
-    both_ids = torch.cat([own_ids, taught_ids])  # row i and row B + i read the same view
-    embeds = merge_image_embeds(model.embed(both_ids), both_ids == model.config.image_token_id,
-                                torch.cat([image_embeds, image_embeds]))
-    own_logits, taught_logits = model(inputs_embeds=embeds).chunk(2)
+    own_logits, taught_logits, both_ids = two_replies(model, model.vision(batch.images), own_ids, taught_ids)
     w = distiller.weight
     return (1 - w) * reply_loss(own_logits, own_targets, args) + w * reply_loss(taught_logits, taught_targets, args), both_ids
 
@@ -209,7 +212,7 @@ def train_step(model: DeepSeekModel, batch, optimizer, lr: float, args, rng: np.
         group["lr"] = lr
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # the draws of this pass (mixup's, drop-path's), for SAM's second pass to repeat
-    rng_state, torch_state = rng.bit_generator.state, torch_rng_states(model.device)
+    states = (rng.bit_generator.state, torch_rng_states(model.device)) if args.sam > 0 else None
     loss, ids = batch_loss(model, batch, args, rng, distiller)
     # replies differ in length, so rows end in padding, which must not count as expert load
     real = unpadded(ids, pad_id) if (pad_id := model.config.pad_token_id) is not None else None
@@ -220,7 +223,7 @@ def train_step(model: DeepSeekModel, batch, optimizer, lr: float, args, rng: np.
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if args.sam > 0:
-        sharpness_aware_grads(model, batch, params, args, rng, (rng_state, torch_state), distiller)
+        sharpness_aware_grads(model, batch, params, args, rng, states, distiller)
     torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     optimizer.step()
     for moe, expert_counts in counts:  # DeepSeek-V3's auxiliary-loss-free balancing, on the real tokens
@@ -344,8 +347,8 @@ def _batch_stream(train, weights, tok, vcfg, args, generator, rng, device) -> It
             yield batch.to(device)
 
 
-def make_distiller(train: list[Example], task: ClassTask | None, weights, model: DeepSeekModel, tok: Tokenizer,
-                   vcfg: VisionConfig, args, device: torch.device) -> Distiller:
+def make_distiller(train: list[Example], task: ClassTask | None, weights, tok: Tokenizer, vcfg: VisionConfig,
+                   args, device: torch.device) -> Distiller:
     """Train the convolutional teacher (vlm_teacher.py) on the training split, with its own draws
     of examples and augmentations, so that the VLM's data stream is the same with or without it."""
     if task is None:
@@ -363,6 +366,7 @@ def check_settings(args) -> None:
     inside torch, or silently trained something else)."""
     ranges = [("--lr", args.lr, args.lr > 0, "above 0"), ("--projector-lr", args.projector_lr, args.projector_lr > 0, "above 0"),
               ("--eval-every", args.eval_every, args.eval_every >= 1, "at least 1"),
+              ("--val-views", args.val_views, args.val_views >= 1, "at least 1"),
               ("--label-smoothing", args.label_smoothing, 0 <= args.label_smoothing <= 1, "between 0 and 1"),
               ("--ema", args.ema, 0 <= args.ema < 1, "at least 0 and below 1"),
               ("--mixup", args.mixup, args.mixup >= 0, "at least 0"), ("--sam", args.sam, args.sam >= 0, "at least 0"),
@@ -383,8 +387,6 @@ def check_settings(args) -> None:
 def run_training(args) -> dict:
     start = time.perf_counter()
     deadline = start + 60 * args.max_minutes
-    if args.val_views < 1:
-        raise VLMDataError(f"--val-views must be at least 1, got {args.val_views}")
     if args.projector_steps < 0 or args.steps < 0 or args.projector_steps + args.steps < 1:
         # no step at all would end with no model to keep (it failed loading a None state)
         raise VLMDataError(f"--projector-steps {args.projector_steps} and --steps {args.steps}: each must be at "
@@ -409,7 +411,7 @@ def run_training(args) -> dict:
     info = {"args": vars(args), "task": task.__dict__ if task else None, "history": []}
     best, best_metrics = None, {}
     weights = class_weights(train, val, args.balance)
-    distiller = make_distiller(train, task, weights, model, tok, vcfg, args, device) if args.distill else None
+    distiller = make_distiller(train, task, weights, tok, vcfg, args, device) if args.distill else None
     stream = batches(train, weights, tok, vcfg, args, generator, rng, device)
     model.train()
     out_of_time = False

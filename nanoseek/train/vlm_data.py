@@ -234,6 +234,11 @@ class Batch:
                      [ImageInput(im.views.to(device), im.tiles) for im in self.images])
 
 
+def padding_id(tok: Tokenizer) -> int:
+    """What ends short rows of a batch: the padding token, or EOS for a tokenizer without one."""
+    return tok.pad_id if tok.pad_id is not None else tok.eos_id
+
+
 def make_batch(examples: list[Example], tok: Tokenizer, vcfg: VisionConfig, rng: np.random.Generator | None = None) -> Batch:
     """Encode conversations for training: ids with image runs, targets shifted by one, padding ignored."""
     rows, images = [], []
@@ -244,7 +249,7 @@ def make_batch(examples: list[Example], tok: Tokenizer, vcfg: VisionConfig, rng:
         rows.append((ids, mask))
         images.append(views)
     T = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), T), tok.pad_id if tok.pad_id is not None else tok.eos_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), T), padding_id(tok), dtype=torch.long)
     targets = torch.full((len(rows), T), -100, dtype=torch.long)
     for i, (ids, mask) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.vision import VisionConfig
-from .vlm_data import Batch, ClassTask, Example, load_views, make_batch
+from .vlm_data import Batch, ClassTask, Example, load_views, make_batch, padding_id
 
 
 class ConvTeacher(nn.Module):
@@ -97,7 +97,7 @@ class Distiller:
             ids.append(batch.input_ids[0].to(device))
             targets.append(batch.targets[0].to(device))
             tiles = tuple(batch.images[0].tiles)
-        return cls(teacher, weight, ids, targets, tiles, tok.pad_id if tok.pad_id is not None else tok.eos_id)
+        return cls(teacher, weight, ids, targets, tiles, padding_id(tok))
 
     def teacher_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(B, T) ids and targets of the replies the teacher gives for the batch's views, or None when
