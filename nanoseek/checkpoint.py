@@ -150,7 +150,10 @@ def _checkpoint_dtype(raw_config: dict) -> torch.dtype:
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> DeepSeekModel:
-    """Load a Hugging Face-layout folder into a DeepSeekModel (in `dtype`, default: the checkpoint's)."""
+    """Load a Hugging Face-layout folder into a DeepSeekModel (in `dtype`, default: the checkpoint's).
+
+    The model comes in evaluation mode, as transformers' from_pretrained gives it (a vision stem's
+    batch norms and the tower's stochastic depth act only in training mode); call .train() to train it."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder")
@@ -162,7 +165,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     dtype = dtype or _checkpoint_dtype(raw_config)
     model = build_model(config, dtype=dtype, device=device, init=False)
     load_weights(model, path)
-    return model
+    return model.eval()
 
 
 def _checkpoint_keys(path: Path) -> set[str]:

@@ -14,7 +14,10 @@ through an MLP. DeepSeek-VL2's "2D" layout then lays the tokens out row by row:
 `merge_image_embeds` writes those runs into the text embeddings at the image-token positions.
 
 Checkpoint keys (beside the language model's `model.*` and `lm_head.*`):
-    vision.encoder.patch_embed.proj.{weight,bias}   Conv2d (width, channels, patch + 2*overlap, same)
+    vision.encoder.patch_embed.proj.{weight,bias}   Conv2d (width, channels, patch + 2*overlap, same),
+                                                    or (width, stem_channels[-1], 1, 1) after a stem
+    vision.encoder.patch_embed.stem.{6i,6i+3}.weight         the stem's 3x3 Conv2d (no bias), stage i
+    vision.encoder.patch_embed.stem.{6i+1,6i+4}.{weight,bias,running_mean,running_var,num_batches_tracked}
     vision.encoder.pos_embed                        (1, grid*grid, width), learned
     vision.encoder.blocks.{i}.{norm1,norm2}.{weight,bias}
     vision.encoder.blocks.{i}.attn.{qkv,proj}.{weight,bias}
@@ -49,6 +52,12 @@ class VisionConfig:
     # SigLIP's non-overlapping patches. Overlap gives a from-scratch tower on tiny images the local
     # context a convolutional stem would (BreastMNIST val accuracy 0.83 -> 0.88 at 28 px, patch 4).
     patch_overlap: int = 0
+    # a convolutional stem in place of the one patchify convolution ("early convolutions", Xiao et al.
+    # 2021; the ViT paper's hybrid): one stage per entry, each two 3x3 convolutions with batch norm and
+    # ReLU, the second of stride 2, so len(stem_channels) halvings make a patch; then a 1x1
+    # convolution to the tower's width. [] is SigLIP's patchify stem. A tower trained from scratch on a
+    # few hundred 28-px images lacks the locality a CNN builds in; the stem gives it back.
+    stem_channels: list[int] = field(default_factory=list)
     num_channels: int = 3  # grayscale images are repeated into 3 channels when this is 3
     hidden_size: int = 1152
     intermediate_size: int = 4304
@@ -87,6 +96,18 @@ class VisionConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(name, "must be a positive integer")
+        if not isinstance(self.stem_channels, (list, tuple)) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.stem_channels
+        ):
+            fail("stem_channels", "must be a list of positive integers (channels of each stem stage)")
+        if self.stem_channels:
+            if 2 ** len(self.stem_channels) != self.patch_size:
+                fail("stem_channels", f"each stage halves the image, so patch_size ({self.patch_size}) must be "
+                                      f"2**len(stem_channels) = {2 ** len(self.stem_channels)}")
+            if self.image_size % self.patch_size:
+                fail("image_size", f"must be a multiple of patch_size ({self.patch_size}) with a convolutional stem")
+            if self.patch_overlap:
+                fail("patch_overlap", "applies to the patchify stem only; set it to 0 with stem_channels")
         if self.patch_size > self.image_size:
             fail("patch_size", f"cannot exceed image_size ({self.image_size})")
         if self.hidden_size % self.num_attention_heads:
@@ -169,14 +190,34 @@ class ImageInput:
 
 
 # ---- encoder (timm's VisionTransformer names, as DeepSeek-VL2's SigLIP) -------------------------------
+class ConvStem(nn.Sequential):
+    """Stages of (3x3 conv, BN, ReLU, 3x3 conv of stride 2, BN, ReLU): pixels -> a feature map 1/2**stages the size."""
+
+    def __init__(self, vcfg: VisionConfig):
+        layers: list[nn.Module] = []
+        c_in = vcfg.num_channels
+        for c in vcfg.stem_channels:
+            for stride in (1, 2):  # the norms follow, so the convolutions need no bias
+                layers += [nn.Conv2d(c_in, c, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+                c_in = c
+        super().__init__(*layers)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, vcfg: VisionConfig):
         super().__init__()
         p, o = vcfg.patch_size, vcfg.patch_overlap
-        self.proj = nn.Conv2d(vcfg.num_channels, vcfg.hidden_size, kernel_size=p + 2 * o, stride=p, padding=o)
+        if vcfg.stem_channels:
+            self.stem = ConvStem(vcfg)
+            self.proj = nn.Conv2d(vcfg.stem_channels[-1], vcfg.hidden_size, kernel_size=1)
+        else:
+            self.stem = None
+            self.proj = nn.Conv2d(vcfg.num_channels, vcfg.hidden_size, kernel_size=p + 2 * o, stride=p, padding=o)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixels).permute(0, 2, 3, 1)  # (N, C, H, W) -> (N, gh, gw, D)
+        if self.stem is not None:
+            pixels = self.stem(pixels)  # (N, C, H, W) -> (N, C', H / patch, W / patch)
+        return self.proj(pixels).permute(0, 2, 3, 1)  # -> (N, gh, gw, D)
 
 
 class Attention(nn.Module):
@@ -301,7 +342,10 @@ class VisionModel(nn.Module):
             elif isinstance(module, nn.Conv2d):
                 fan_in = module.weight[0].numel()
                 module.weight.normal_(0.0, fan_in**-0.5, generator=generator)
-                module.bias.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.BatchNorm2d):
+                module.reset_parameters()  # unit scale, zero shift, fresh running statistics
             elif isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)
                 module.bias.zero_()

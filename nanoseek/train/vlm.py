@@ -49,7 +49,8 @@ TRAIN_INFO = "vlm_train.json"  # written beside the weights: the task, the argum
 def vision_config(args) -> dict:
     width = args.vision_width
     return VisionConfig(
-        image_size=args.image_size, patch_size=args.patch_size, patch_overlap=args.patch_overlap,
+        image_size=args.image_size, patch_size=args.patch_size, stem_channels=args.conv_stem,
+        patch_overlap=(0 if args.conv_stem else 2) if args.patch_overlap is None else args.patch_overlap,
         hidden_size=width, intermediate_size=4 * width,
         num_hidden_layers=args.vision_layers, num_attention_heads=args.vision_heads, max_tiles=args.max_tiles,
     ).to_dict()
@@ -79,6 +80,16 @@ def build_vlm(args, texts: list[str]) -> tuple[DeepSeekModel, Tokenizer]:
         vision_config=vision_config(args), image_token_id=tok.image_id,
     )
     return build_model(config, seed=args.seed), tok
+
+
+def train_mode(model: DeepSeekModel, stage: int) -> None:
+    """Training mode, except that a frozen stem's batch norms keep their running statistics in stage 1
+    (they would otherwise drift on the projector-only steps, which must leave the encoder as it was)."""
+    model.train()
+    if stage == 1:
+        for module in model.vision.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
 
 
 def set_stage(model: DeepSeekModel, stage: int) -> list[torch.nn.Parameter]:
@@ -413,12 +424,12 @@ def run_training(args) -> dict:
     weights = class_weights(train, val, args.balance)
     distiller = make_distiller(train, task, weights, tok, vcfg, args, device) if args.distill else None
     stream = batches(train, weights, tok, vcfg, args, generator, rng, device)
-    model.train()
     out_of_time = False
     for stage, total, max_lr in ((1, args.projector_steps, args.projector_lr), (2, args.steps, args.lr)):
         if total == 0 or out_of_time:
             continue
         set_stage(model, stage)
+        train_mode(model, stage)
         optimizer = build_optimizer(model, lr=max_lr, weight_decay=args.weight_decay)
         ema = EMA(model, args.ema) if args.ema and stage == 2 else None
         losses = []
@@ -435,6 +446,7 @@ def run_training(args) -> dict:
             metrics = {"stage": stage, "step": step + 1, "epoch": round((step + 1) * args.batch_size / len(train), 1),
                        "train_loss": float(np.mean(losses)), **validate(model, tok, val, task, args),
                        "minutes": (time.perf_counter() - start) / 60}
+            train_mode(model, stage)  # validation leaves the model in plain training mode
             losses = []
             info["history"].append(metrics)
             improved = improves(metrics, best_metrics)
@@ -457,6 +469,13 @@ def run_training(args) -> dict:
     return info
 
 
+def channel_list(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated channel counts such as 32,64, got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a MedMNIST 2D .npz, or JSONL of {image, messages}")
     parser.add_argument("--val-data", help="JSONL validation set (a .npz brings its own val split)")
@@ -469,7 +488,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("vision tower (new towers only)")
     g.add_argument("--image-size", type=int, default=28)
     g.add_argument("--patch-size", type=int, default=4)
-    g.add_argument("--patch-overlap", type=int, default=2, help="pixels each patch sees past its cell (0: SigLIP's)")
+    g.add_argument("--patch-overlap", type=int, default=None,
+                   help="pixels each patch sees past its cell (0: SigLIP's; default 2, or 0 with --conv-stem)")
+    g.add_argument("--conv-stem", type=channel_list, default=[], metavar="C1,C2,...",
+                   help="a convolutional stem with these channels per stage in place of the patchify convolution "
+                        "(one stage per halving: 2**stages must equal --patch-size); empty: none")
     g.add_argument("--vision-width", type=int, default=128)
     g.add_argument("--vision-layers", type=int, default=4)
     g.add_argument("--vision-heads", type=int, default=4)
