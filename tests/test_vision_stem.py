@@ -121,3 +121,24 @@ def test_train_vlm_with_a_stem_learns_and_checks_its_flag(tmp_path, capsys):
     # a stem that does not make the patch size is the config's one-line error, exit status 2
     assert main(["train-vlm", "--data", str(data), "--out", str(tmp_path / "bad"), "--conv-stem", "8,16", *TINY]) == 2
     assert "stem_channels" in capsys.readouterr().err
+
+
+def test_sam_counts_each_batch_once_in_the_stem_statistics(tmp_path):
+    """SAM's second pass at the perturbed weights must not move the running statistics again."""
+    import numpy as np
+    from nanoseek.train.vlm_data import make_batch
+
+    data = fake_medmnist(tmp_path / "breastmnist.npz")
+    args = parse(["--data", str(data), "--out", str(tmp_path / "v"), "--sam", "0.5", "--conv-stem", "8", *TINY])
+    train, _, _ = vlm.load_data(args)
+    model, tok = vlm.build_vlm(args, vlm.data_texts(train))
+    batch = make_batch(train[:8], tok, model.vision.vcfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    rng = np.random.default_rng(0)
+    states = (rng.bit_generator.state, vlm.torch_rng_states(model.device))
+    vlm.batch_loss(model, batch, args, rng)[0].backward()
+    after_one_pass = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in stem_norms(model)]
+    vlm.sharpness_aware_grads(model, batch, params, args, rng, states)
+    for (mean, var, n), m in zip(after_one_pass, stem_norms(model)):
+        assert torch.equal(mean, m.running_mean) and torch.equal(var, m.running_var) and n == int(m.num_batches_tracked) == 1

@@ -269,6 +269,9 @@ def sharpness_aware_grads(model: DeepSeekModel, batch, params: list[torch.nn.Par
     scale = args.sam / (norm + 1e-12)
     with torch.no_grad():
         saved = [p.detach().clone() for p in with_grad]  # restored exactly, whatever the weights' dtype
+        # a stem's batch-norm statistics count each batch once, not again at the perturbed weights
+        norm_stats = [b for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for b in m.buffers()]
+        saved_stats = [b.clone() for b in norm_stats]
         for p in with_grad:
             p.add_(p.grad * scale)
     for p in with_grad:
@@ -281,6 +284,8 @@ def sharpness_aware_grads(model: DeepSeekModel, batch, params: list[torch.nn.Par
     with torch.no_grad():
         for p, w in zip(with_grad, saved):
             p.copy_(w)
+        for b, value in zip(norm_stats, saved_stats):
+            b.copy_(value)
 
 
 class EMA:
