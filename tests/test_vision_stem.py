@@ -82,7 +82,7 @@ def test_checkpoint_keeps_the_stem_and_its_statistics(tmp_path):
 def test_projector_stage_leaves_the_stem_statistics_alone(tmp_path):
     data = fake_medmnist(tmp_path / "breastmnist.npz")
     args = parse(["--data", str(data), "--out", str(tmp_path / "vlm"), "--projector-steps", "3", "--steps", "0",
-                  "--eval-every", "3", "--batch-size", "8", "--conv-stem", "8", *TINY])
+                  "--eval-every", "3", "--batch-size", "8", *TINY, "--conv-stem", "8"])
     model, _ = vlm.build_vlm(args, ["malignant", "normal or benign"])
     before = [m.running_mean.clone() for m in stem_norms(model)]
     vlm.set_stage(model, 1)
@@ -106,21 +106,29 @@ def test_train_vlm_with_a_stem_learns_and_checks_its_flag(tmp_path, capsys):
     data = fake_medmnist(tmp_path / "breastmnist.npz")
     args = parse(["--data", str(data), "--out", str(tmp_path / "vlm"), "--projector-steps", "4", "--steps", "24",
                   "--eval-every", "8", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "2",
-                  "--conv-stem", "8", *TINY])
+                  *TINY, "--conv-stem", "8"])
     assert args.conv_stem == [8] and args.patch_overlap is None
     info = vlm.run_training(args)
     losses = [h["train_loss"] for h in info["history"]]
     assert losses[-1] < 0.5 * losses[0], losses
     vcfg = nanoseek.load(tmp_path / "vlm").vision.vcfg
     assert vcfg.stem_channels == [8] and vcfg.patch_overlap == 0  # the overlap default gives way to the stem
-    assert parse(["--data", "d.npz", "--out", "o"]).conv_stem == []
+    default = parse(["--data", "d.npz", "--out", "o"])
+    assert default.conv_stem == [32, 64] and default.patch_size == 4  # the default stem makes the default patch
+    assert parse(["--data", "d.npz", "--out", "o", "--conv-stem", ""]).conv_stem == []
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["train-vlm", "--data", str(data), "--out", str(tmp_path / "bad"), "--conv-stem", "8,x"])
     assert "comma-separated channel counts" in capsys.readouterr().err
-    # a stem that does not make the patch size is the config's one-line error, exit status 2
-    assert main(["train-vlm", "--data", str(data), "--out", str(tmp_path / "bad"), "--conv-stem", "8,16", *TINY]) == 2
-    assert "stem_channels" in capsys.readouterr().err
+    # a stem that does not make the patch size, or an overlap beside a stem: one line, exit status 2
+    assert main(["train-vlm", "--data", str(data), "--out", str(tmp_path / "bad"), *TINY, "--conv-stem", "8,16"]) == 2
+    assert "--conv-stem 8,16 makes patches of 4 pixels" in capsys.readouterr().err
+    assert main(["train-vlm", "--data", str(data), "--out", str(tmp_path / "bad"), *TINY, "--patch-overlap", "1"]) == 2
+    assert "--patch-overlap applies to the single patch convolution" in capsys.readouterr().err
+    # SigLIP's patch convolution on request, with the overlap that was the default before the stem
+    args = parse(["--data", str(data), "--out", str(tmp_path / "p"), *TINY, "--conv-stem", ""])
+    vcfg = VisionConfig.from_dict(vlm.vision_config(args))
+    assert vcfg.stem_channels == [] and vcfg.patch_overlap == 2
 
 
 def test_sam_counts_each_batch_once_in_the_stem_statistics(tmp_path):
@@ -129,7 +137,7 @@ def test_sam_counts_each_batch_once_in_the_stem_statistics(tmp_path):
     from nanoseek.train.vlm_data import make_batch
 
     data = fake_medmnist(tmp_path / "breastmnist.npz")
-    args = parse(["--data", str(data), "--out", str(tmp_path / "v"), "--sam", "0.5", "--conv-stem", "8", *TINY])
+    args = parse(["--data", str(data), "--out", str(tmp_path / "v"), "--sam", "0.5", *TINY, "--conv-stem", "8"])
     train, _, _ = vlm.load_data(args)
     model, tok = vlm.build_vlm(args, vlm.data_texts(train))
     batch = make_batch(train[:8], tok, model.vision.vcfg)

@@ -24,7 +24,9 @@ from nanoseek.image import preprocess
 from nanoseek.model.vision import VisionConfig, image_token_count
 
 BREAST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "breastmnist.npz"
-TINY = ["--image-size", "8", "--patch-size", "2", "--vision-width", "32", "--vision-layers", "1", "--vision-heads", "2"]
+# one stem stage of 4 channels makes the 2-pixel patches (train-vlm's default stem makes 4-pixel ones)
+TINY = ["--image-size", "8", "--patch-size", "2", "--conv-stem", "4", "--vision-width", "32", "--vision-layers", "1",
+        "--vision-heads", "2"]
 
 
 def fake_medmnist(path: Path, n_classes=2, rgb=False, n=(64, 16, 16), size=8, seed=0):

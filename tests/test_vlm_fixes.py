@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = VisionConfig(image_size=8, patch_size=4, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                      num_attention_heads=1, max_tiles=1)
-TINY = ["--image-size", "8", "--patch-size", "2", "--vision-width", "32", "--vision-layers", "1", "--vision-heads", "2"]
+TINY = ["--image-size", "8", "--patch-size", "2", "--conv-stem", "4", "--vision-width", "32", "--vision-layers", "1",
+        "--vision-heads", "2"]
 
 
 def picture(h=16, w=16, seed=0):

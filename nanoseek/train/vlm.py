@@ -396,6 +396,13 @@ def check_settings(args) -> None:
     for flag, value, ok, rule in ranges:
         if not ok or value != value:  # value != value: NaN
             raise VLMDataError(f"{flag} must be {rule}, got {value}")
+    if args.conv_stem and 2 ** len(args.conv_stem) != args.patch_size:
+        raise VLMDataError(
+            f"--conv-stem {','.join(map(str, args.conv_stem))} makes patches of {2 ** len(args.conv_stem)} pixels "
+            f"(each stage halves the image) but --patch-size is {args.patch_size}: give one channel count per "
+            "halving, or --conv-stem '' for SigLIP's single patch convolution")
+    if args.conv_stem and args.patch_overlap:
+        raise VLMDataError("--patch-overlap applies to the single patch convolution: use it with --conv-stem ''")
     if args.distill and args.mixup:
         raise VLMDataError("--distill and --mixup each replace the reply loss: choose one")
 
@@ -493,11 +500,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("vision tower (new towers only)")
     g.add_argument("--image-size", type=int, default=28)
     g.add_argument("--patch-size", type=int, default=4)
+    g.add_argument("--conv-stem", type=channel_list, default=[32, 64], metavar="C1,C2,...",
+                   help="channels of each stage of the convolutional stem that makes the patches, one stage per "
+                        "halving (2**stages must equal --patch-size; default 32,64); '' for SigLIP's single "
+                        "patch convolution")
     g.add_argument("--patch-overlap", type=int, default=None,
-                   help="pixels each patch sees past its cell (0: SigLIP's; default 2, or 0 with --conv-stem)")
-    g.add_argument("--conv-stem", type=channel_list, default=[], metavar="C1,C2,...",
-                   help="a convolutional stem with these channels per stage in place of the patchify convolution "
-                        "(one stage per halving: 2**stages must equal --patch-size); empty: none")
+                   help="with --conv-stem '': pixels each patch sees past its cell (default 2; 0: SigLIP's)")
     g.add_argument("--vision-width", type=int, default=128)
     g.add_argument("--vision-layers", type=int, default=4)
     g.add_argument("--vision-heads", type=int, default=4)
