@@ -377,6 +377,17 @@ def make_distiller(train: list[Example], task: ClassTask | None, weights, tok: T
     return Distiller.build(teacher, args.distill, task, train[0], tok, vcfg, device)
 
 
+def new_tower(args) -> bool:
+    """Whether the run builds a vision tower (the vision flags apply): not when --init holds one,
+    which is trained on as it is. An unreadable --init counts as new; loading it fails later."""
+    if not args.init:
+        return True
+    try:
+        return json.loads((Path(args.init) / "config.json").read_text(encoding="utf-8")).get("vision_config") is None
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
 def check_settings(args) -> None:
     """Refuse training flags outside their meaning before any work (they were tracebacks from deep
     inside torch, or silently trained something else)."""
@@ -396,12 +407,12 @@ def check_settings(args) -> None:
     for flag, value, ok, rule in ranges:
         if not ok or value != value:  # value != value: NaN
             raise VLMDataError(f"{flag} must be {rule}, got {value}")
-    if args.conv_stem and 2 ** len(args.conv_stem) != args.patch_size:
+    if new_tower(args) and args.conv_stem and 2 ** len(args.conv_stem) != args.patch_size:
         raise VLMDataError(
             f"--conv-stem {','.join(map(str, args.conv_stem))} makes patches of {2 ** len(args.conv_stem)} pixels "
             f"(each stage halves the image) but --patch-size is {args.patch_size}: give one channel count per "
             "halving, or --conv-stem '' for SigLIP's single patch convolution")
-    if args.conv_stem and args.patch_overlap:
+    if new_tower(args) and args.conv_stem and args.patch_overlap:
         raise VLMDataError("--patch-overlap applies to the single patch convolution: use it with --conv-stem ''")
     if args.distill and args.mixup:
         raise VLMDataError("--distill and --mixup each replace the reply loss: choose one")
