@@ -150,3 +150,13 @@ def test_sam_counts_each_batch_once_in_the_stem_statistics(tmp_path):
     vlm.sharpness_aware_grads(model, batch, params, args, rng, states)
     for (mean, var, n), m in zip(after_one_pass, stem_norms(model)):
         assert torch.equal(mean, m.running_mean) and torch.equal(var, m.running_var) and n == int(m.num_batches_tracked) == 1
+
+
+def test_params_counts_the_vision_tower(tmp_path, capsys):
+    model = tiny_vlm(patch_size=4, stem_channels=[8, 16])
+    nanoseek.save(model, tmp_path / "vlm")
+    assert main(["params", str(tmp_path / "vlm")]) == 0
+    out = capsys.readouterr().out
+    n_vision = sum(p.numel() for p in model.vision.parameters())
+    assert f"vision tower (encoder, projector, layout tokens; read once per image): {n_vision / 1e3:.2f}K" in out
+    assert main(["params", "test"]) == 0 and "vision tower" not in capsys.readouterr().out

@@ -5,6 +5,8 @@ routed experts a token is not sent to (embedding and output head included), whic
 37.5B of DeepSeek-V3 (the paper's "37B").
 """
 
+import torch
+
 from ..config import ModelConfig
 
 PARTS = ("embeddings", "attention", "dense_ffn", "routed_experts", "shared_experts", "router", "norms", "output_head")
@@ -74,6 +76,18 @@ def count_parameters(cfg: ModelConfig) -> dict:
     }
 
 
+def vision_params(cfg: ModelConfig) -> int:
+    """The vision tower's parameters (encoder, stem, projector, layout tokens); 0 for a text model.
+    Built on the meta device, so nothing is allocated and the count follows the module's own code."""
+    if cfg.vision_config is None:
+        return 0
+    from .vision import VisionConfig, VisionModel
+
+    with torch.device("meta"):
+        tower = VisionModel(VisionConfig.from_dict(cfg.vision_config), cfg.hidden_size)
+    return sum(p.numel() for p in tower.parameters())
+
+
 def human(n: int | float, digits: int = 1) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
@@ -102,4 +116,6 @@ def format_counts(name: str, cfg: ModelConfig) -> str:
             f"({human(c['mtp_activated'], 2)} activated), embedding and head shared with the main model"
         )
         lines.append(f"checkpoint with MTP (shared embedding/head stored again): {human(c['checkpoint_total'], 2)}")
+    if n_vision := vision_params(cfg):
+        lines.append(f"vision tower (encoder, projector, layout tokens; read once per image): {human(n_vision, 2)}")
     return "\n".join(lines)
