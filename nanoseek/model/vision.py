@@ -190,6 +190,11 @@ class ImageInput:
 
 
 # ---- encoder (timm's VisionTransformer names, as DeepSeek-VL2's SigLIP) -------------------------------
+def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    """A 3x3 convolution, batch norm and ReLU (the norm follows, so the convolution needs no bias)."""
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
 class ConvStem(nn.Sequential):
     """Stages of (3x3 conv, BN, ReLU, 3x3 conv of stride 2, BN, ReLU): pixels -> a feature map 1/2**stages the size."""
 
@@ -197,9 +202,8 @@ class ConvStem(nn.Sequential):
         layers: list[nn.Module] = []
         c_in = vcfg.num_channels
         for c in vcfg.stem_channels:
-            for stride in (1, 2):  # the norms follow, so the convolutions need no bias
-                layers += [nn.Conv2d(c_in, c, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
-                c_in = c
+            layers += conv_bn_relu(c_in, c) + conv_bn_relu(c, c, stride=2)
+            c_in = c
         super().__init__(*layers)
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load, save
-from ..config import PRESETS, get_preset
+from ..config import PRESETS, ConfigError, get_preset, read_config_json
 from ..model.transformer import DeepSeekModel, build_model
 from ..model.vision import VisionConfig, merge_image_embeds
 from ..runtime import pick_device, set_threads
@@ -383,9 +383,10 @@ def new_tower(args) -> bool:
     if not args.init:
         return True
     try:
-        return json.loads((Path(args.init) / "config.json").read_text(encoding="utf-8")).get("vision_config") is None
-    except (OSError, ValueError, AttributeError):
+        raw = read_config_json(Path(args.init) / "config.json")
+    except ConfigError:
         return True
+    return not isinstance(raw, dict) or raw.get("vision_config") is None
 
 
 def check_settings(args) -> None:
@@ -407,13 +408,14 @@ def check_settings(args) -> None:
     for flag, value, ok, rule in ranges:
         if not ok or value != value:  # value != value: NaN
             raise VLMDataError(f"{flag} must be {rule}, got {value}")
-    if new_tower(args) and args.conv_stem and 2 ** len(args.conv_stem) != args.patch_size:
-        raise VLMDataError(
-            f"--conv-stem {','.join(map(str, args.conv_stem))} makes patches of {2 ** len(args.conv_stem)} pixels "
-            f"(each stage halves the image) but --patch-size is {args.patch_size}: give one channel count per "
-            "halving, or --conv-stem '' for SigLIP's single patch convolution")
-    if new_tower(args) and args.conv_stem and args.patch_overlap:
-        raise VLMDataError("--patch-overlap applies to the single patch convolution: use it with --conv-stem ''")
+    if args.conv_stem and new_tower(args):
+        if 2 ** len(args.conv_stem) != args.patch_size:
+            raise VLMDataError(
+                f"--conv-stem {','.join(map(str, args.conv_stem))} makes patches of {2 ** len(args.conv_stem)} pixels "
+                f"(each stage halves the image) but --patch-size is {args.patch_size}: give one channel count per "
+                "halving, or --conv-stem '' for SigLIP's single patch convolution")
+        if args.patch_overlap:
+            raise VLMDataError("--patch-overlap applies to the single patch convolution: use it with --conv-stem ''")
     if args.distill and args.mixup:
         raise VLMDataError("--distill and --mixup each replace the reply loss: choose one")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.vision import VisionConfig
+from ..model.vision import VisionConfig, conv_bn_relu
 from .vlm_data import Batch, ClassTask, Example, load_views, make_batch, padding_id
 
 
@@ -30,8 +30,7 @@ class ConvTeacher(nn.Module):
         super().__init__()
 
         def stage(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-                                 nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+            return nn.Sequential(*conv_bn_relu(c_in, c_out), *conv_bn_relu(c_out, c_out))
 
         self.features = nn.Sequential(stage(channels, width), nn.MaxPool2d(2), stage(width, 2 * width), nn.MaxPool2d(2),
                                       stage(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
