@@ -7,6 +7,7 @@ Prints, per dtype (fp32, and bf16 where the CPU has native bf16 matmuls):
 - one MoE layer against a dense SwiGLU with the same activated FLOPs.
 
     python benchmarks/forward.py [--preset tiny] [--repeat 5] [--threads 1 --clock cpu]
+    python benchmarks/forward.py --preset medium --repeat 3     # four times as wide: matmul-bound
 """
 
 import argparse

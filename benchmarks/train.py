@@ -11,6 +11,7 @@ MFU = tokens/s x training FLOPs per token (3 x forward matmul FLOPs of the activ
 plus causal attention) / measured 1024^3 matmul FLOP/s in that dtype.
 
     python benchmarks/train.py [--preset tiny] [--batch 8] [--seq 256] [--steps 6] [--threads N]
+    python benchmarks/train.py --preset medium --steps 3    # four times as wide: matmul-bound
 """
 
 import argparse

@@ -19,6 +19,8 @@ fp32, to see what bf16 does to the loss curve (and how much faster it gets there
     python benchmarks/train_quality.py --corpus stdlib --minutes 10 --dtype fp32 --out runs/q_moe_dense_stdlib
     python benchmarks/train_quality.py --minutes 10 --dtype fp32 --moe-set n_routed_experts=8 \
         --moe-set moe_intermediate_size=256 --moe-set num_experts_per_tok=2 --out runs/q_moe8x256_dense_fp32
+    python benchmarks/train_quality.py --minutes 10 --dtype fp32 --set hidden_size=512 --set moe_intermediate_size=256 \
+        --set num_attention_heads=8 --set q_lora_rank=192 --set kv_lora_rank=128 --out runs/q_moe_dense_w512_fp32
     python benchmarks/train_quality.py --mode bf16-vs-fp32 --steps 200
 """
 
@@ -52,6 +54,9 @@ def main():
     parser.add_argument("--moe-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="moe-vs-dense: change the MoE's experts (e.g. moe_intermediate_size=256); the dense "
                              "model's width follows the activated width")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="both_set",
+                        help="change the preset for both runs (e.g. hidden_size=512); the dense model's width "
+                             "follows the activated width")
     parser.add_argument("--report-only", action="store_true", help="summarise the runs already in --out")
     parser.add_argument("--train-args", default="--batch-size 8 --seq-len 256 --eval-every 50 --eval-batches 20 --lr 2e-3",
                         help="extra `nanoseek train` arguments, the same for both runs")
@@ -61,16 +66,18 @@ def main():
     config = nanoseek.get_preset(args.preset)
     if args.moe_set and args.mode != "moe-vs-dense":
         sys.exit("--moe-set changes the MoE of --mode moe-vs-dense only")
-    if any("=" not in item for item in args.moe_set):
-        sys.exit(f"--moe-set takes FIELD=VALUE, got {args.moe_set}")
-    moe_changes = dict(item.partition("=")[::2] for item in args.moe_set)
-    config = config.replace(**{key: parse_set_value(value) for key, value in moe_changes.items()})
+    for flag, items in (("--set", args.both_set), ("--moe-set", args.moe_set)):
+        if any("=" not in item for item in items):
+            sys.exit(f"{flag} takes FIELD=VALUE, got {items}")
+        changes = dict(item.partition("=")[::2] for item in items)
+        config = config.replace(**{key: parse_set_value(value) for key, value in changes.items()})
     config.validate()
     active_width = (config.num_experts_per_tok + config.n_shared_experts) * config.moe_intermediate_size
     out = Path(args.out or tempfile.mkdtemp(prefix=f"{args.mode}-"))
     out.mkdir(parents=True, exist_ok=True)
     common = [sys.executable, "-m", "nanoseek.cli", "train", "--corpus", args.corpus, "--preset", args.preset,
               "--vocab-size", str(args.vocab_size), "--threads", "1", "--save-every", "0", "--max-new-tokens", "40",
+              *[arg for item in args.both_set for arg in ("--set", item)],
               "--set", f"intermediate_size={active_width}", *args.train_args.split()]
     if args.mode == "moe-vs-dense":
         common += ["--minutes", str(args.minutes), "--dtype", args.dtype]

@@ -455,6 +455,15 @@ PRESETS: dict[str, ModelConfig] = {
         qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
         n_group=4, topk_group=2, max_position_embeddings=2048, num_nextn_predict_layers=1,
     ),
+    # tiny's layout at four times the width (112M parameters, 47M activated matmul parameters per
+    # token): the benchmarks' second config, wide enough that matmuls, not per-call overhead and
+    # element-wise work, set a step's time, as at real model widths (bf16 most of all).
+    "medium": ModelConfig(
+        vocab_size=8192, hidden_size=1024, intermediate_size=2560, moe_intermediate_size=512, num_hidden_layers=4,
+        first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
+        qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+        n_group=4, topk_group=2, max_position_embeddings=4096, num_nextn_predict_layers=1,
+    ),
     # A few-hundred-kilobyte model for unit tests.
     "test": ModelConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,

@@ -182,7 +182,7 @@ def test_negative_bias_masking_uses_minus_infinity():
     assert (idx[:, 0] // 2 == idx[:, 1] // 2).all()  # both from the single kept group
 
 
-@pytest.mark.parametrize("preset", ["test", "tiny", "small"])
+@pytest.mark.parametrize("preset", ["test", "tiny", "small", "medium"])
 def test_param_count_matches_model(preset):
     config = get_preset(preset)
     model = build_model(config)
