@@ -188,6 +188,8 @@ class RemoteEngine:
         with self._lock:
             self._dead = why
             failed, self._requests = list(self._requests.values()), {}
+            # the gauges the child last sent would stay frozen in /metrics: nothing runs or waits now
+            self._stats = {**self._stats, "running": 0, "waiting": 0, "cached_tokens": 0}
         for request in failed:
             request.finish_reason, request.error, request.finished_at = "error", why, time.perf_counter()
             request._done.set()
